@@ -1,0 +1,18 @@
+"""lightning-compact: CompAct (compressed activations, arXiv 2410.15352) for PyTorch Lightning."""
+
+from lightning_compact.callbacks.compact import CompActCallback
+from lightning_compact.callbacks.memory import PeakMemoryMonitor
+from lightning_compact.functional import compact_linear
+from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact
+from lightning_compact.projection import make_projection
+
+__all__ = [
+    "CompActCallback",
+    "CompActConfig",
+    "CompActLinear",
+    "PeakMemoryMonitor",
+    "compact_linear",
+    "convert_to_compact",
+    "make_projection",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,6 @@
+"""Lightning callbacks: CompAct conversion and the seed schedule; peak-memory reporting."""
+
+from lightning_compact.callbacks.compact import CompActCallback
+from lightning_compact.callbacks.memory import PeakMemoryMonitor
+
+__all__ = ["CompActCallback", "PeakMemoryMonitor"]

@@ -1,0 +1,138 @@
+"""``PeakMemoryMonitor``: peak GPU memory per epoch and saved-activation bytes on any device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_compact.memory.saved_activations import SavedActivationTracker
+
+__all__ = ["PeakMemoryMonitor"]
+
+_MIB = 2**20
+
+
+class PeakMemoryMonitor(Callback):
+    r"""Record the peak memory of training, per epoch.
+
+    Two measurements:
+
+    * On CUDA, ``torch.cuda.max_memory_allocated`` over the epoch (the peak statistics
+      are reset when each training epoch starts). Not logged on other devices.
+    * On every device, the bytes that one training step keeps alive for its backward
+      pass, de-duplicated by storage (q, k and v share one input tensor and count once;
+      parameters are not counted). The epoch's value is the largest over its steps.
+      When CompAct layers are present it also reports what the same step would have
+      saved had they been plain ``nn.Linear`` layers.
+
+    Values are the maximum over ranks under DDP. Logged keys (MiB, one value per epoch,
+    through ``trainer.loggers`` at ``trainer.global_step``):
+
+    * ``memory/cuda_max_allocated_MiB``: only when training on CUDA.
+    * ``memory/saved_activations_MiB``: saved-for-backward bytes of the largest step.
+    * ``memory/saved_activations_uncompressed_MiB``: the same step without CompAct;
+      only when at least one CompAct layer ran.
+
+    A summary table is printed on rank zero at the end of ``fit``, also with
+    ``logger=False``; :attr:`history` holds the same figures (bytes).
+
+    Args:
+        track_saved_activations: set ``False`` to skip the saved-tensor hooks (they add
+            a little Python work per saved tensor).
+    """
+
+    def __init__(self, track_saved_activations: bool = True) -> None:
+        self.track_saved_activations = track_saved_activations
+        self.history: list[dict[str, float]] = []
+        self._tracker: SavedActivationTracker | None = None
+        self._epoch_saved = 0
+        self._epoch_uncompressed = 0
+        self._epoch_compressed_layers = 0
+
+    @staticmethod
+    def _on_cuda(trainer: pl.Trainer) -> bool:
+        return trainer.strategy.root_device.type == "cuda"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_saved = self._epoch_uncompressed = self._epoch_compressed_layers = 0
+        if self._on_cuda(trainer):
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.track_saved_activations:
+            self._tracker = SavedActivationTracker(exclude=[pl_module]).__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._close_tracker()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_tracker()
+
+    def _close_tracker(self) -> None:
+        if self._tracker is None:
+            return
+        self._tracker.__exit__(None, None, None)
+        step = self._tracker.result()
+        self._tracker = None
+        if step.bytes >= self._epoch_saved:
+            self._epoch_saved = step.bytes
+            self._epoch_uncompressed = step.uncompressed_bytes
+            self._epoch_compressed_layers = step.compressed_layers
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = {}
+        if self._on_cuda(trainer):
+            values["memory/cuda_max_allocated_MiB"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / _MIB
+        if self._epoch_saved > 0:  # no step ran (or tracking is off): nothing measured, nothing logged
+            values["memory/saved_activations_MiB"] = self._epoch_saved / _MIB
+            if self._epoch_compressed_layers:
+                values["memory/saved_activations_uncompressed_MiB"] = self._epoch_uncompressed / _MIB
+        # Every rank calls this hook, so the collective below lines up across ranks.
+        if trainer.world_size > 1 and values:
+            reduced = trainer.strategy.reduce(
+                torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device),
+                reduce_op="max",
+            )
+            values = dict(zip(values, reduced.tolist()))
+        if not values:
+            return
+        self.history.append({"epoch": trainer.current_epoch, **values})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history:
+            rank_zero_info(self.summary())
+
+    def summary(self) -> str:
+        """A table of :attr:`history`, one row per epoch."""
+        columns = [
+            ("memory/cuda_max_allocated_MiB", "CUDA peak"),
+            ("memory/saved_activations_MiB", "saved for backward"),
+            ("memory/saved_activations_uncompressed_MiB", "without CompAct"),
+        ]
+        present = [(k, title) for k, title in columns if any(k in row for row in self.history)]
+        rows = [["epoch", *(title for _, title in present)]]
+        if any("memory/saved_activations_uncompressed_MiB" in row for row in self.history):
+            rows[0].append("CompAct saves")
+        for row in self.history:
+            cells = [str(int(row["epoch"]))]
+            cells += [f"{row[k]:.1f} MiB" if k in row else "-" for k, _ in present]
+            if len(rows[0]) > len(present) + 1:
+                base = row.get("memory/saved_activations_uncompressed_MiB")
+                saved = row.get("memory/saved_activations_MiB")
+                cells.append(f"{100 * (1 - saved / base):.1f}%" if base else "-")
+            rows.append(cells)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        return "Peak memory per training epoch\n" + "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]

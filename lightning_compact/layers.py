@@ -1,0 +1,234 @@
+"""``CompActLinear`` and ``convert_to_compact``: put CompAct into an existing model.
+
+The swap follows torchao's float8 layer swap: one public verb with a module filter and
+a frozen config, a post-order walk, and a ``from_linear`` constructor that reuses the
+original ``Parameter`` objects. Reusing them keeps optimizers (built before or after
+the swap), DDP's registered parameters, and ``state_dict`` keys exactly as they were,
+so a checkpoint loads into the plain model with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compact.functional import compact_linear
+from lightning_compact.projection import PROJECTIONS, Projection, layer_seed
+
+__all__ = [
+    "CompActConfig",
+    "CompActLinear",
+    "ConversionReport",
+    "DEFAULT_EXCLUDED_MODULES",
+    "convert_to_compact",
+    "matches_any",
+    "resolve_rank",
+]
+
+# Left uncompressed by default, with the reason shown in the conversion table.
+# Output heads: small inputs, large outputs, and the paper leaves them exact.
+# Attention output projections: their input is the attention output, which the
+# attention op already saves, so compressing it saves nothing and only adds noise.
+DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
+    "lm_head": "output head",
+    "classifier": "output head",
+    "score": "output head",
+    "head": "output head",
+    "o_proj": "attention output",
+    "out_proj": "attention output",
+    "attention.output.dense": "attention output",
+}
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern that names ``name``, else ``None``.
+
+    A pattern matches a fully qualified module name if it equals the name, equals a
+    run of its dotted components (``"q_proj"``, ``"attention.output.dense"``,
+    ``"layers.0"``), or matches it as a glob (``"*.mlp.*"``).
+    """
+    parts = name.split(".")
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(name, pattern):
+            return pattern
+        pat_parts = pattern.split(".")
+        k = len(pat_parts)
+        if any(parts[i : i + k] == pat_parts for i in range(len(parts) - k + 1)):
+            return pattern
+    return None
+
+
+def resolve_rank(rank: int | float, in_features: int) -> int:
+    """The one place a configured rank becomes a layer's rank.
+
+    An ``int`` is absolute; a ``float`` in (0, 1] is a fraction of the layer's own
+    ``in_features``, rounded, at least 1.
+    """
+    if isinstance(rank, bool):
+        raise TypeError("rank must be an int or a float, not a bool")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1 when given as an int, got {rank}")
+        return rank
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(
+                f"rank as a float is a fraction of each layer's in_features and must be in (0, 1], got {rank}; "
+                "pass an int for an absolute rank"
+            )
+        return max(1, round(rank * in_features))
+    raise TypeError(f"rank must be an int or a float, got {type(rank).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompActConfig:
+    """How layers are converted.
+
+    Attributes:
+        rank: int (absolute) or float in (0, 1] (fraction of each layer's ``in_features``).
+        projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
+        seed: base seed; each layer's seed mixes it with the layer's name and the window.
+        exclude_modules: name patterns left alone (see :func:`matches_any`).
+    """
+
+    rank: int | float
+    projection: Projection = "gaussian"
+    seed: int = 0
+    exclude_modules: tuple[str, ...] = tuple(DEFAULT_EXCLUDED_MODULES)
+
+    def __post_init__(self) -> None:
+        resolve_rank(self.rank, in_features=1)  # validates type and range
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+
+class CompActLinear(nn.Linear):
+    """An ``nn.Linear`` whose training forward saves ``x·P`` instead of ``x``.
+
+    Still an ``nn.Linear`` (``isinstance`` checks, ``state_dict`` keys and ``repr`` fields
+    are unchanged). In eval mode or under ``torch.no_grad`` it is a plain linear layer.
+    The seed is plain Python state, not a buffer, so checkpoints are untouched.
+    """
+
+    rank: int
+    projection: Projection
+    base_seed: int
+    layer_name: str
+    window: int
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
+        """Wrap ``linear``'s own Parameters (no copy) in a new ``CompActLinear``."""
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=False)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        # Keep hooks users or other libraries put on the original module.
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks"):
+            getattr(new, attr).update(getattr(linear, attr))
+        new.train(linear.training)
+        new.rank = rank
+        new.projection = config.projection
+        new.base_seed = config.seed
+        new.layer_name = name
+        new.window = 0
+        return new
+
+    @property
+    def seed(self) -> int:
+        """The seed of the current resample window."""
+        return layer_seed(self.base_seed, self.layer_name, self.window)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return compact_linear(input, self.weight, self.bias, rank=self.rank, seed=self.seed, projection=self.projection)
+        return F.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Which linear layers were converted (with their rank) and which were skipped (with why)."""
+
+    converted: dict[str, CompActLinear] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def merge(self, other: ConversionReport) -> None:
+        self.converted.update(other.converted)
+        self.skipped.update(other.skipped)
+        self.shapes.update(other.shapes)
+
+
+def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig) -> str | None:
+    excluded_by = matches_any(name, config.exclude_modules)
+    if excluded_by is not None:
+        why = DEFAULT_EXCLUDED_MODULES.get(excluded_by, "excluded")
+        return f"{why} ({excluded_by!r})"
+    if rank >= module.in_features:
+        return f"rank {rank} >= in_features {module.in_features}"
+    return None
+
+
+def convert_to_compact(
+    module: nn.Module,
+    *,
+    rank: int | float | None = None,
+    config: CompActConfig | None = None,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> ConversionReport:
+    """Swap ``module``'s ``nn.Linear`` layers for :class:`CompActLinear`, in place.
+
+    Args:
+        module: the model (or any submodule tree).
+        rank: shorthand for ``config=CompActConfig(rank=rank)``.
+        config: projection, base seed and exclusions; see :class:`CompActConfig`.
+        module_filter_fn: ``fn(linear, fully_qualified_name) -> bool``; only layers it
+            accepts are converted (and those also pass the exclusions).
+
+    Returns:
+        A :class:`ConversionReport`. Layers already converted are left as they are and
+        listed again, so calling this twice (e.g. after ``configure_model``) is safe.
+    """
+    if (rank is None) == (config is None):
+        raise ValueError("pass exactly one of rank=... or config=CompActConfig(...)")
+    config = config if config is not None else CompActConfig(rank=rank)
+    report = ConversionReport()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        # Post-order: children first, then swap them in their parent.
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            visit(child, name)
+            if not isinstance(child, nn.Linear):
+                continue
+            report.shapes[name] = (child.in_features, child.out_features)
+            if isinstance(child, CompActLinear):
+                report.converted[name] = child
+                continue
+            if module_filter_fn is not None and not module_filter_fn(child, name):
+                report.skipped[name] = "not selected by the filter"
+                continue
+            layer_rank = resolve_rank(config.rank, child.in_features)
+            reason = _skip_reason(name, child, layer_rank, config)
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            new = CompActLinear.from_linear(child, rank=layer_rank, name=name, config=config)
+            setattr(parent, child_name, new)
+            report.converted[name] = new
+
+    if isinstance(module, nn.Linear) and not isinstance(module, CompActLinear):
+        raise TypeError("convert_to_compact swaps layers inside a module; wrap a bare nn.Linear in a container first")
+    visit(module, "")
+    return report

@@ -1,0 +1,137 @@
+"""Measure the bytes a training step keeps alive for its backward pass, on any device.
+
+Every tensor autograd saves passes through ``saved_tensors_hooks``; we record its
+storage (not the tensor: q, k and v save views of one input, and counting each view
+would over-count). Parameters are not activations and are left out. All saved tensors
+are alive together at the end of the forward pass, so the sum over the unique storages
+of one step is that step's peak of saved activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lightning_compact.functional import observe_compressed_inputs
+
+__all__ = ["SavedActivations", "SavedActivationTracker"]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr())
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedActivations:
+    """What one step saved for backward.
+
+    Attributes:
+        bytes: unique storages saved (parameters excluded).
+        uncompressed_bytes: what the same step would have saved with every CompAct
+            layer a plain ``nn.Linear`` (its input stored instead of ``x·P``).
+        compressed_layers: number of CompAct forwards seen.
+    """
+
+    bytes: int
+    uncompressed_bytes: int
+    compressed_layers: int
+
+
+class _Storage:
+    """One storage seen in the step; ``alive`` turns False when PyTorch frees it."""
+
+    __slots__ = ("nbytes", "alive", "saved")
+
+    def __init__(self, nbytes: int, saved: bool) -> None:
+        self.nbytes, self.alive, self.saved = nbytes, True, saved
+
+    def free(self) -> None:
+        self.alive = False
+
+
+class _StorageRegistry:
+    """Storages keyed by address, where an address freed and reused is a new storage.
+
+    The address alone is not enough: a compressed layer's input dies after the forward
+    and its memory is reused, so a later tensor at the same address is another storage.
+    UntypedStorage keeps its Python object while the storage lives, so a weakref
+    finalizer tells when the address is released.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[tuple[str, int], _Storage] = {}
+        self.all: list[_Storage] = []
+
+    def get_or_add(self, t: torch.Tensor, saved: bool) -> _Storage:
+        key = _storage_key(t)
+        entry = self.live.get(key)
+        if entry is None or not entry.alive:
+            storage = t.untyped_storage()
+            entry = _Storage(storage.nbytes(), saved)
+            weakref.finalize(storage, entry.free)
+            self.live[key] = entry
+            self.all.append(entry)
+        return entry
+
+
+class SavedActivationTracker:
+    """Context manager recording the storages saved for backward inside its block.
+
+    Args:
+        exclude: modules or tensors whose storages are not activations (e.g. the model:
+            its parameters and buffers are saved by reference, not allocated).
+    """
+
+    def __init__(self, exclude: Iterable[nn.Module | torch.Tensor] = ()) -> None:
+        self._excluded: set[tuple[str, int]] = set()
+        for item in exclude:
+            tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
+            self._excluded.update(_storage_key(t) for t in tensors)
+        self._storages = _StorageRegistry()
+        self._inputs: list[_Storage] = []
+        self._compressed: list[_Storage] = []
+        self._contexts: list = []
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if _storage_key(t) not in self._excluded:
+            self._storages.get_or_add(t, saved=True).saved = True
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _observe(self, input: torch.Tensor, compressed: torch.Tensor) -> None:
+        # The input's entry is shared with any op that saves the same live storage.
+        self._inputs.append(self._storages.get_or_add(input, saved=False))
+        self._compressed.append(self._storages.get_or_add(compressed, saved=False))
+
+    def __enter__(self) -> SavedActivationTracker:
+        self._contexts = [
+            torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack),
+            observe_compressed_inputs(self._observe),
+        ]
+        for ctx in self._contexts:
+            ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(*exc_info)
+        self._contexts = []
+
+    def result(self) -> SavedActivations:
+        saved = [e for e in self._storages.all if e.saved]
+        total = sum(e.nbytes for e in saved)
+        compressed = sum(e.nbytes for e in {id(e): e for e in self._compressed}.values() if e.saved)
+        # An input that another op saves anyway (e.g. the attention output) costs nothing extra.
+        unique_inputs = {id(e): e for e in self._inputs}.values()
+        inputs_not_saved = sum(e.nbytes for e in unique_inputs if not e.saved)
+        return SavedActivations(
+            bytes=total, uncompressed_bytes=total - compressed + inputs_not_saved, compressed_layers=len(self._inputs)
+        )

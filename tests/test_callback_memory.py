@@ -1,0 +1,116 @@
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from helpers import PlainLM, make_trainer, token_loader
+from lightning_compact import CompActCallback, PeakMemoryMonitor, convert_to_compact
+from lightning_compact.memory import SavedActivationTracker
+
+
+class RecordingLogger(Logger):
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_tracker_counts_the_input_for_plain_and_x_p_for_compact_linear():
+    n, r, tokens = 64, 16, 10
+    model = nn.Sequential(nn.Linear(n, 32, bias=False))
+    x = torch.randn(tokens, n)
+    with SavedActivationTracker(exclude=[model]) as plain:
+        model(x).sum().backward()
+    assert plain.result().bytes == tokens * n * 4
+
+    convert_to_compact(model, rank=r)
+    with SavedActivationTracker(exclude=[model]) as compact:
+        model(x).sum().backward()
+    result = compact.result()
+    assert result.bytes == tokens * r * 4
+    assert result.uncompressed_bytes == tokens * n * 4
+    assert result.compressed_layers == 1
+
+
+def test_shared_inputs_are_counted_once():
+    # Three layers reading one input (like q, k, v) keep one tensor alive, not three.
+    layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(3))
+    x = torch.randn(8, 16)
+    with SavedActivationTracker(exclude=[layers]) as tracker:
+        sum(layer(x).sum() for layer in layers).backward()
+    assert tracker.result().bytes == 8 * 16 * 4
+
+
+def _fit(tmp_path, callbacks, **kwargs):
+    torch.manual_seed(0)
+    logger = RecordingLogger()
+    make_trainer(tmp_path, callbacks, logger=logger, max_epochs=2, max_steps=-1, **kwargs).fit(
+        PlainLM(), token_loader(n_samples=8, seq_len=32)
+    )
+    return logger
+
+
+def test_cpu_run_logs_saved_activations_and_no_cuda_figure(tmp_path):
+    monitor = PeakMemoryMonitor()
+    logger = _fit(tmp_path, [monitor])
+    assert len(monitor.history) == 2  # one row per epoch
+    logged = [m for _, m in logger.metrics if "memory/saved_activations_MiB" in m]
+    assert len(logged) == 2
+    for m in logged:
+        assert m["memory/saved_activations_MiB"] > 0
+        assert "memory/cuda_max_allocated_MiB" not in m
+        assert "memory/saved_activations_uncompressed_MiB" not in m  # no CompAct layer ran
+
+
+def test_uncompressed_figure_equals_a_real_baseline_run(tmp_path):
+    baseline = PeakMemoryMonitor()
+    _fit(tmp_path / "base", [baseline])
+    compact = PeakMemoryMonitor()
+    _fit(tmp_path / "compact", [CompActCallback(rank=0.25), compact])
+    base_row, compact_row = baseline.history[0], compact.history[0]
+    # What CompAct says the plain layers would have stored is what the plain model did store.
+    assert compact_row["memory/saved_activations_uncompressed_MiB"] == base_row["memory/saved_activations_MiB"]
+    assert compact_row["memory/saved_activations_MiB"] < base_row["memory/saved_activations_MiB"]
+
+
+def test_summary_is_printed_without_a_logger(tmp_path, caplog):
+    caplog.set_level("INFO")
+    monitor = PeakMemoryMonitor()
+    make_trainer(tmp_path, [CompActCallback(rank=4), monitor], max_epochs=1, max_steps=-1).fit(PlainLM(), token_loader())
+    assert "Peak memory per training epoch" in caplog.text
+    assert "without CompAct" in caplog.text and "CompAct saves" in caplog.text
+
+
+def test_nothing_measured_means_nothing_logged(tmp_path):
+    monitor = PeakMemoryMonitor(track_saved_activations=False)
+    logger = _fit(tmp_path, [monitor])
+    assert monitor.history == []
+    assert not any(k.startswith("memory/") for _, m in logger.metrics for k in m)
+
+
+def test_history_round_trips_through_state_dict():
+    monitor = PeakMemoryMonitor()
+    monitor.history = [{"epoch": 0, "memory/saved_activations_MiB": 1.5}]
+    other = PeakMemoryMonitor()
+    other.load_state_dict(monitor.state_dict())
+    assert other.history == monitor.history
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_is_logged_on_gpu(tmp_path):
+    monitor = PeakMemoryMonitor()
+    make_trainer(tmp_path, [monitor], accelerator="gpu", max_epochs=1, max_steps=-1).fit(PlainLM(), token_loader())
+    assert monitor.history[0]["memory/cuda_max_allocated_MiB"] > 0

@@ -1,0 +1,126 @@
+import pytest
+import torch
+from torch import nn
+
+from helpers import TINY_LLAMA
+from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact, matches_any, resolve_rank
+from lightning_compact.models.llama import LlamaForCausalLM
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(TINY_LLAMA)
+
+
+def test_conversion_reuses_the_same_parameters_and_state_dict_keys():
+    model = _model()
+    params_before = dict(model.named_parameters())
+    keys_before = list(model.state_dict())
+    report = convert_to_compact(model, rank=0.25)
+    assert report.converted
+    for name, param in model.named_parameters():
+        assert param is params_before[name]
+    assert list(model.state_dict()) == keys_before
+    assert isinstance(model.model.layers[0].self_attn.q_proj, CompActLinear)
+
+
+def test_checkpoint_of_converted_model_loads_strictly_into_the_plain_model():
+    model = _model(0)
+    convert_to_compact(model, rank=4)
+    plain = _model(1)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_default_exclusions_and_rank_resolution():
+    model = _model()
+    report = convert_to_compact(model, rank=0.25)
+    assert "lm_head" in report.skipped and "output head" in report.skipped["lm_head"]
+    assert "model.layers.0.self_attn.o_proj" in report.skipped
+    q = report.converted["model.layers.0.self_attn.q_proj"]
+    down = report.converted["model.layers.0.mlp.down_proj"]
+    assert q.rank == round(0.25 * TINY_LLAMA.hidden_size)
+    assert down.rank == round(0.25 * TINY_LLAMA.intermediate_size)  # its own in_features
+
+
+def test_layers_whose_rank_is_not_smaller_are_left_alone():
+    model = _model()
+    report = convert_to_compact(model, rank=48)  # hidden 32 < 48 <= intermediate 64
+    assert "model.layers.0.self_attn.q_proj" in report.skipped
+    assert "rank 48 >= in_features 32" in report.skipped["model.layers.0.self_attn.q_proj"]
+    assert "model.layers.0.mlp.down_proj" in report.converted
+
+
+def test_module_filter_and_second_call_are_respected():
+    model = _model()
+    report = convert_to_compact(model, rank=4, module_filter_fn=lambda m, name: name.endswith("up_proj"))
+    assert set(report.converted) == {f"model.layers.{i}.mlp.up_proj" for i in range(2)}
+    again = convert_to_compact(model, rank=4)
+    assert set(report.converted) <= set(again.converted)
+    assert again.converted["model.layers.0.mlp.up_proj"] is report.converted["model.layers.0.mlp.up_proj"]
+
+
+def test_eval_mode_and_no_grad_are_plain_linear():
+    model = _model()
+    tokens = torch.randint(0, 64, (2, 8))
+    ref = model(tokens)
+    convert_to_compact(model, rank=4)
+    model.eval()
+    assert torch.equal(model(tokens), ref)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), ref)
+
+
+def test_training_output_is_exact_and_optimizer_built_before_still_updates():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 64, (2, 8))
+    ref = model(tokens, labels=tokens)
+    convert_to_compact(model, rank=4)
+    loss = model(tokens, labels=tokens)
+    assert torch.equal(loss, ref)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_layer_seed_changes_with_window_and_name():
+    model = _model()
+    report = convert_to_compact(model, rank=4)
+    q, k = report.converted["model.layers.0.self_attn.q_proj"], report.converted["model.layers.0.self_attn.k_proj"]
+    s0 = q.seed
+    q.window = 1
+    assert q.seed != s0 and q.seed != k.seed
+
+
+def test_pattern_matching():
+    assert matches_any("model.layers.0.self_attn.q_proj", ["q_proj"]) == "q_proj"
+    assert matches_any("roberta.encoder.layer.0.attention.output.dense", ["attention.output.dense"])
+    assert matches_any("roberta.encoder.layer.0.output.dense", ["attention.output.dense"]) is None
+    assert matches_any("model.layers.3.mlp.up_proj", ["*.mlp.*"]) == "*.mlp.*"
+    assert matches_any("model.layers.3.mlp.up_proj", ["proj"]) is None  # whole components only
+
+
+@pytest.mark.parametrize("rank, message", [(0, ">= 1"), (-2, ">= 1"), (1.5, r"\(0, 1\]"), (0.0, r"\(0, 1\]"), (True, "bool"), ("8", "int or a float")])
+def test_bad_ranks_say_what_to_change(rank, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        resolve_rank(rank, 64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        CompActConfig(rank=rank)
+
+
+def test_rank_fraction_rounds_and_is_at_least_one():
+    assert resolve_rank(0.25, 10) == 2
+    assert resolve_rank(0.01, 10) == 1
+    assert resolve_rank(1.0, 10) == 10
+    assert resolve_rank(7, 10) == 7
+
+
+def test_bare_linear_and_ambiguous_arguments_are_refused():
+    with pytest.raises(TypeError, match="container"):
+        convert_to_compact(nn.Linear(4, 4), rank=2)
+    with pytest.raises(ValueError, match="exactly one"):
+        convert_to_compact(nn.Sequential(nn.Linear(4, 4)), rank=2, config=CompActConfig(rank=2))
