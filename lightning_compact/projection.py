@@ -7,10 +7,9 @@ and nothing may be drawn from PyTorch's global RNG (that would shift user code's
 random stream and differ between ranks).
 
 So ``P`` comes from a counter-based hash: entry ``(i, j)`` is a pure function of
-``(seed, i·r + j)``, computed with int64 tensor ops whose intermediate values never
-overflow. Integer results are bit-identical on every device; the Gaussian's
-``log``/``cos`` may differ by an ulp between CPU and CUDA kernels, Rademacher signs
-never do. No ``torch.Generator`` is involved, which also keeps ``torch.compile``
+``(seed, i·r + j)``, computed with wrapping int32 tensor ops. The integer bits are
+identical on every device; the Gaussian's ``erfinv`` may differ by an ulp between CPU
+and CUDA kernels, Rademacher signs never do. No ``torch.Generator`` is involved, which also keeps ``torch.compile``
 graphs free of breaks.
 """
 
@@ -27,23 +26,33 @@ __all__ = ["PROJECTIONS", "Projection", "make_projection", "layer_seed", "window
 Projection = Literal["gaussian", "rademacher"]
 PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher")
 
-_MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_MAX_ENTRIES = 2**31 - 1
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` without int64 overflow (split ``c`` in halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return ((x * lo) + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+def _signed32(c: int) -> int:
+    """A 32-bit constant as the int32 value with the same bits."""
+    return c - 2**32 if c >= 2**31 else c
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (the 'lowbias32' constants), elementwise on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+# 'lowbias32' multipliers (Wellons' hash prospector), as int32.
+_M1, _M2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit avalanche hash of an int32 tensor.
+
+    int32 arithmetic wraps modulo 2**32 on CPU and CUDA (two's complement), which is
+    exactly the unsigned arithmetic the hash needs; right shifts are arithmetic in
+    torch, so each is masked to a logical shift. int32 rather than int64 because
+    64-bit integer multiplies are not vectorised on common CPUs (about 10x slower).
+    """
+    x ^= (x >> 16) & 0xFFFF
+    x *= _M1
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _M2
+    x ^= (x >> 16) & 0xFFFF
+    return x
 
 
 def _splitmix64(value: int) -> int:
@@ -54,21 +63,17 @@ def _splitmix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def _hash_bits(numel: int, seed: int, stream: int, device: torch.device) -> torch.Tensor:
-    """``numel`` pseudo-random 32-bit words (as int64) for ``(seed, stream)``."""
-    key = _splitmix64((seed & _MASK64) ^ _splitmix64(stream))
-    k0, k1, k2 = key & _MASK32, (key >> 32) & _MASK32, _splitmix64(key) & _MASK32
-    idx = torch.arange(numel, device=device, dtype=torch.int64)
-    # Fold the counter's high word in so more than 2**32 entries stay distinct.
-    lo, hi = idx & _MASK32, idx >> 32
-    h = _mix32(lo ^ k0)
-    h = _mix32((h + _mix32(hi ^ k1)) & _MASK32 ^ k2)
-    return _mix32(h ^ k1)
-
-
-def _uniform_open(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Map 32-bit words to floats in the open interval (0, 1)."""
-    return (bits.to(dtype) + 0.5) * (1.0 / 4294967296.0)
+def _hash_bits(numel: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``numel`` pseudo-random 32-bit words (int32) for ``seed``: two hash rounds over a counter."""
+    if numel > _MAX_ENTRIES:
+        raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {numel}")
+    key = _splitmix64(seed & _MASK64)
+    k0, k1 = _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
+    h = torch.arange(numel, device=device, dtype=torch.int32)
+    h ^= k0
+    _mix32_(h)
+    h += k1  # wraps
+    return _mix32_(h)
 
 
 def make_projection(
@@ -90,25 +95,25 @@ def make_projection(
             cheaper to build, exactly identical on every device).
         device: where to build it (no host-device copy is made).
         dtype: the result's dtype. Gaussian values are computed in float64 when
-            ``dtype`` is float64, else in float32, then cast.
+            ``dtype`` is float64, else in float32, then cast. Each entry carries 24
+            random bits (Gaussian tails reach ±5.3σ).
     """
     if in_features < 1 or rank < 1:
         raise ValueError(f"in_features and rank must be positive, got {in_features} and {rank}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    numel = in_features * rank
+    bits = _hash_bits(in_features * rank, seed, device)
     scale = 1.0 / math.sqrt(rank)
     if projection == "rademacher":
-        bits = _hash_bits(numel, seed, stream=0, device=device)
-        signs = (bits & 1).to(dtype) * 2 - 1
-        return (signs * scale).view(in_features, rank)
+        signs = (bits >> 31) | 1  # the sign bit as -1 or +1
+        return (signs.to(dtype) * scale).view(in_features, rank)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    # Box-Muller on two independent streams.
-    u1 = _uniform_open(_hash_bits(numel, seed, stream=1, device=device), work)
-    u2 = _uniform_open(_hash_bits(numel, seed, stream=2, device=device), work)
-    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return (normal * scale).to(dtype).view(in_features, rank)
+    # The top 24 bits k give v = (2k + 1 - 2**24) / 2**24, exact in float32 and exactly
+    # symmetric about 0 on (-1, 1); the inverse normal CDF √2·erfinv(v) makes it Gaussian.
+    odd = ((bits >> 8) & 0xFFFFFF) * 2 + (1 - 2**24)
+    normal = torch.erfinv(odd.to(work) * 2.0**-24) * (math.sqrt(2.0) * scale)
+    return normal.to(dtype).view(in_features, rank)
 
 
 def layer_seed(base_seed: int, layer_name: str, window: int) -> int:

@@ -34,12 +34,19 @@ class SavedActivations:
         bytes: unique storages saved (parameters excluded).
         uncompressed_bytes: what the same step would have saved with every CompAct
             layer a plain ``nn.Linear`` (its input stored instead of ``x·P``).
+        compressed_bytes: the part of ``bytes`` that is CompAct's ``x·P``.
         compressed_layers: number of CompAct forwards seen.
     """
 
     bytes: int
     uncompressed_bytes: int
-    compressed_layers: int
+    compressed_bytes: int = 0
+    compressed_layers: int = 0
+
+    @property
+    def replaced_input_bytes(self) -> int:
+        """Inputs of CompAct layers that no other op keeps: what ``x·P`` replaced."""
+        return self.uncompressed_bytes - self.bytes + self.compressed_bytes
 
 
 class _Storage:
@@ -133,5 +140,8 @@ class SavedActivationTracker:
         unique_inputs = {id(e): e for e in self._inputs}.values()
         inputs_not_saved = sum(e.nbytes for e in unique_inputs if not e.saved)
         return SavedActivations(
-            bytes=total, uncompressed_bytes=total - compressed + inputs_not_saved, compressed_layers=len(self._inputs)
+            bytes=total,
+            uncompressed_bytes=total - compressed + inputs_not_saved,
+            compressed_bytes=compressed,
+            compressed_layers=len(self._inputs),
         )
