@@ -45,6 +45,17 @@ def test_tracker_counts_the_input_for_plain_and_x_p_for_compact_linear():
     assert result.compressed_layers == 1
 
 
+def test_mixed_precision_weight_copies_are_reported_apart_from_activations():
+    n, m, tokens = 64, 32, 10
+    model = nn.Sequential(nn.Linear(n, m, bias=False))
+    x = torch.randn(tokens, n, requires_grad=True)  # so the weight is saved too, for ∂L/∂x
+    with SavedActivationTracker(exclude=[model]) as tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    result = tracker.result()
+    assert result.bytes == tokens * n * 2  # the bf16 copy of the input
+    assert result.parameter_copy_bytes == m * n * 2  # the bf16 copy of the weight
+
+
 def test_shared_inputs_are_counted_once():
     # Three layers reading one input (like q, k, v) keep one tensor alive, not three.
     layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(3))

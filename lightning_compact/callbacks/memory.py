@@ -25,7 +25,8 @@ class PeakMemoryMonitor(Callback):
       are reset when each training epoch starts). Not logged on other devices.
     * On every device, the bytes that one training step keeps alive for its backward
       pass, de-duplicated by storage (q, k and v share one input tensor and count once;
-      parameters are not counted). The epoch's value is the largest over its steps.
+      parameters, and the low-precision weight copies mixed precision saves, are not
+      counted: they scale with the model, not the batch). The epoch's value is the largest over its steps.
       When CompAct layers are present it also reports what the same step would have
       saved had they been plain ``nn.Linear`` layers.
 

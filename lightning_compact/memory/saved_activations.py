@@ -36,17 +36,41 @@ class SavedActivations:
             layer a plain ``nn.Linear`` (its input stored instead of ``x·P``).
         compressed_bytes: the part of ``bytes`` that is CompAct's ``x·P``.
         compressed_layers: number of CompAct forwards seen.
+        parameter_copy_bytes: casts of trainable parameters saved for backward (mixed
+            precision keeps a low-precision copy of each weight); not in ``bytes``,
+            since they scale with the model, not the batch.
     """
 
     bytes: int
     uncompressed_bytes: int
     compressed_bytes: int = 0
     compressed_layers: int = 0
+    parameter_copy_bytes: int = 0
 
     @property
     def replaced_input_bytes(self) -> int:
         """Inputs of CompAct layers that no other op keeps: what ``x·P`` replaced."""
         return self.uncompressed_bytes - self.bytes + self.compressed_bytes
+
+
+_VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0", "ExpandBackward0"})
+
+
+def _is_parameter_copy(t: torch.Tensor) -> bool:
+    """A dtype cast of a trainable Parameter, or a view of one (autocast's weight copies).
+
+    Seen through the autograd graph: view nodes, then ``ToCopyBackward0``, then the
+    ``AccumulateGrad`` of an ``nn.Parameter``.
+    """
+    fn = t.grad_fn
+    for _ in range(4):
+        if fn is None or type(fn).__name__ not in _VIEW_NODES:
+            break
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    sources = [next_fn for next_fn, _ in fn.next_functions if next_fn is not None]
+    return bool(sources) and all(isinstance(getattr(s, "variable", None), nn.Parameter) for s in sources)
 
 
 class _Storage:
@@ -100,12 +124,17 @@ class SavedActivationTracker:
             tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
             self._excluded.update(_storage_key(t) for t in tensors)
         self._storages = _StorageRegistry()
+        self._parameter_copies = _StorageRegistry()
         self._inputs: list[_Storage] = []
         self._compressed: list[_Storage] = []
         self._contexts: list = []
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if _storage_key(t) not in self._excluded:
+        if _storage_key(t) in self._excluded:
+            return t
+        if _is_parameter_copy(t):
+            self._parameter_copies.get_or_add(t, saved=True)
+        else:
             self._storages.get_or_add(t, saved=True).saved = True
         return t
 
@@ -144,4 +173,5 @@ class SavedActivationTracker:
             uncompressed_bytes=total - compressed + inputs_not_saved,
             compressed_bytes=compressed,
             compressed_layers=len(self._inputs),
+            parameter_copy_bytes=sum(e.nbytes for e in self._parameter_copies.all),
         )
