@@ -2,16 +2,20 @@
 
 from lightning_compact.callbacks.compact import CompActCallback
 from lightning_compact.callbacks.memory import PeakMemoryMonitor
-from lightning_compact.functional import compact_linear
-from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact
+from lightning_compact.functional import CompressedGrad, compact_linear
+from lightning_compact.layers import CompActConfig, CompActLinear, compressed_grad_of, convert_to_compact
+from lightning_compact.optim import CompActAdamW
 from lightning_compact.projection import make_projection
 
 __all__ = [
+    "CompActAdamW",
     "CompActCallback",
     "CompActConfig",
     "CompActLinear",
+    "CompressedGrad",
     "PeakMemoryMonitor",
     "compact_linear",
+    "compressed_grad_of",
     "convert_to_compact",
     "make_projection",
 ]

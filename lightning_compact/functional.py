@@ -8,6 +8,11 @@ Forward is exactly ``F.linear``. Backward:
   decompressed to ``Ĝ Pᵀ``. Since ``E[P Pᵀ] = I`` the result is unbiased.
 
 ``P`` is rebuilt from ``seed`` in the backward (see :mod:`lightning_compact.projection`).
+
+Given a ``grad_sink`` (a :class:`CompressedGrad`), the backward skips the
+decompression: ``Ĝ`` is added to the sink and ``weight.grad`` is left alone. That is
+the paper's full method, where an optimizer such as
+:class:`~lightning_compact.optim.CompActAdamW` consumes ``Ĝ`` directly.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 
 from lightning_compact.projection import Projection, make_projection
 
-__all__ = ["compact_linear", "observe_compressed_inputs"]
+__all__ = ["CompressedGrad", "compact_linear", "observe_compressed_inputs"]
 
 # Called as ``observer(input, compressed)`` for every compact_linear forward that saves
 # a compressed input; memory reports use it to know what the plain layer would have saved.
@@ -37,9 +42,79 @@ def observe_compressed_inputs(observer: Callable[[torch.Tensor, torch.Tensor], N
         _OBSERVERS.remove(observer)
 
 
+class CompressedGrad:
+    """One weight's gradient kept compressed: ``Ĝ = (∂L/∂o)ᵀ (x P)``, ``[out_features, rank]``.
+
+    Backward passes add into :attr:`value` (so micro-batches that share ``P``
+    accumulate exactly, as ``.grad`` does); :attr:`seed` remembers which ``P`` made it,
+    so whoever consumes ``Ĝ`` rebuilds the same ``P`` with :meth:`projection_matrix`.
+
+    Attributes:
+        in_features: n, the size of the weight's input.
+        rank: r.
+        projection: the projection family (``"gaussian"`` or ``"rademacher"``).
+        value: ``Ĝ`` summed over the backward passes since the last :meth:`zero_`, or ``None``.
+        seed: the seed of the ``P`` behind :attr:`value`, or ``None`` while nothing is held.
+    """
+
+    __slots__ = ("in_features", "rank", "projection", "value", "seed")
+
+    def __init__(self, in_features: int, rank: int, projection: Projection = "gaussian") -> None:
+        self.in_features, self.rank, self.projection = in_features, rank, projection
+        self.value: torch.Tensor | None = None
+        self.seed: int | None = None
+
+    def accumulate(self, grad: torch.Tensor, seed: int) -> None:
+        """Add ``grad`` (a ``Ĝ`` made with ``seed``) to :attr:`value`."""
+        if self.seed is not None and seed != self.seed:
+            raise RuntimeError(
+                "A compressed gradient is being accumulated under a different projection than the one it holds: "
+                "zero the gradients (optimizer.zero_grad()) before the projection seed changes."
+            )
+        if self.value is None:
+            self.value = grad
+        else:
+            self.value.add_(grad)
+        self.seed = seed
+
+    def zero_(self, set_to_none: bool = True) -> None:
+        """Forget the held gradient (free it, or zero it in place and keep the buffer)."""
+        if set_to_none:
+            self.value = None
+        elif self.value is not None:
+            self.value.zero_()
+        # A zeroed buffer belongs to no projection yet: the next backward may bring a new one.
+        self.seed = None
+
+    def projection_matrix(
+        self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The ``[in_features, rank]`` projection behind :attr:`value` (same device and dtype by default)."""
+        if self.seed is None or self.value is None:
+            raise RuntimeError("no compressed gradient is held, so there is no projection to rebuild")
+        return make_projection(
+            self.in_features,
+            self.rank,
+            self.seed,
+            projection=self.projection,
+            device=device if device is not None else self.value.device,
+            dtype=dtype if dtype is not None else self.value.dtype,
+        )
+
+    def decompress(self) -> torch.Tensor:
+        """``Ĝ Pᵀ``: the full-size ``[out_features, in_features]`` estimate of the weight gradient."""
+        return self.value @ self.projection_matrix().t()
+
+    def __repr__(self) -> str:
+        shape = None if self.value is None else tuple(self.value.shape)
+        return f"CompressedGrad(in_features={self.in_features}, rank={self.rank}, value={shape}, seed={self.seed})"
+
+
 class _CompActLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, rank: int, seed: int, projection: Projection):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, input, weight, bias, rank: int, seed: int, projection: Projection, grad_sink, weight_dtype
+    ):
         output = F.linear(input, weight, bias)
         needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         in_features = weight.shape[1]
@@ -54,6 +129,7 @@ class _CompActLinearFunction(torch.autograd.Function):
         ctx.input_shape = input.shape
         ctx.has_bias = bias is not None
         ctx.rank, ctx.seed, ctx.projection = rank, seed, projection
+        ctx.grad_sink, ctx.weight_dtype = grad_sink, weight_dtype
         return output
 
     @staticmethod
@@ -66,15 +142,24 @@ class _CompActLinearFunction(torch.autograd.Function):
             # Autocast is off in a custom backward: match dtypes explicitly (e.g. bf16 grad, fp32 W).
             grad_input = (grad_2d @ weight.to(grad_2d.dtype)).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            in_features = ctx.input_shape[-1]
-            proj = make_projection(
-                in_features, ctx.rank, ctx.seed, projection=ctx.projection, device=compressed.device, dtype=compressed.dtype
-            )
             grad_compressed = grad_2d.to(compressed.dtype).t() @ compressed  # Ĝ: [m, r]
-            grad_weight = grad_compressed @ proj.t()  # [m, n]
+            if ctx.grad_sink is not None:
+                # Paper-faithful mode: Ĝ goes to the sink (in the dtype .grad would have), .grad stays None.
+                ctx.grad_sink.accumulate(grad_compressed.to(ctx.weight_dtype), ctx.seed)
+            else:
+                in_features = ctx.input_shape[-1]
+                proj = make_projection(
+                    in_features,
+                    ctx.rank,
+                    ctx.seed,
+                    projection=ctx.projection,
+                    device=compressed.device,
+                    dtype=compressed.dtype,
+                )
+                grad_weight = grad_compressed @ proj.t()  # [m, n]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def compact_linear(
@@ -85,6 +170,7 @@ def compact_linear(
     rank: int,
     seed: int,
     projection: Projection = "gaussian",
+    grad_sink: CompressedGrad | None = None,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` that keeps only ``input @ P`` (rank ``rank``) for the backward.
 
@@ -95,14 +181,25 @@ def compact_linear(
         rank: r, columns of the projection (``>= 1``).
         seed: selects ``P``; the backward rebuilds the same ``P`` from it.
         projection: ``"gaussian"`` or ``"rademacher"``.
+        grad_sink: where the compressed weight gradient goes instead of ``weight.grad``
+            (``None``: decompress it into ``weight.grad``). Its ``in_features``, ``rank``
+            and ``projection`` must match this call's.
 
     Returns:
-        The same output as ``F.linear``. ``weight.grad`` receives an unbiased estimate
-        of the true weight gradient; input and bias gradients are exact. If ``weight``
+        The same output as ``F.linear``. Without a sink ``weight.grad`` receives an
+        unbiased estimate of the true weight gradient; with one, ``Ĝ`` (in the weight's
+        dtype) is added to the sink. Input and bias gradients are exact. If ``weight``
         does not require grad nothing is computed or saved for it.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if grad_sink is not None and (
+        grad_sink.rank != rank or grad_sink.in_features != weight.shape[1] or grad_sink.projection != projection
+    ):
+        raise ValueError(
+            f"{grad_sink!r} does not match rank={rank}, in_features={weight.shape[1]}, projection={projection!r}"
+        )
+    weight_dtype = weight.dtype
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         # Mirror autocast's rule for F.linear (run in the lower precision), then keep
@@ -111,5 +208,5 @@ def compact_linear(
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection)
-    return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection)
+            return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection, grad_sink, weight_dtype)
+    return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection, grad_sink, weight_dtype)

@@ -5,6 +5,13 @@ a frozen config, a post-order walk, and a ``from_linear`` constructor that reuse
 original ``Parameter`` objects. Reusing them keeps optimizers (built before or after
 the swap), DDP's registered parameters, and ``state_dict`` keys exactly as they were,
 so a checkpoint loads into the plain model with ``strict=True``.
+
+A layer runs in one of two gradient modes. By default (gradient decompression) its
+weight gets a full-size ``.grad`` that any optimizer can use. With ``compress_grad``
+(the paper's full method) the weight's gradient stays compressed: it is kept in a
+:class:`~lightning_compact.functional.CompressedGrad` attached to the weight Parameter
+(see :func:`compressed_grad_of`), ``weight.grad`` stays ``None``, and an optimizer that
+understands it (:class:`~lightning_compact.optim.CompActAdamW`) applies the update.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compact.functional import compact_linear
+from lightning_compact.functional import CompressedGrad, compact_linear
 from lightning_compact.projection import PROJECTIONS, Projection, layer_seed
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "CompActLinear",
     "ConversionReport",
     "DEFAULT_EXCLUDED_MODULES",
+    "compressed_grad_of",
     "convert_to_compact",
     "matches_any",
     "resolve_rank",
@@ -43,6 +51,15 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "out_proj": "attention output",
     "attention.output.dense": "attention output",
 }
+
+
+# The attribute of a weight Parameter that holds its CompressedGrad (the analogue of ``.grad``).
+_COMPRESSED_GRAD_ATTR = "compressed_grad"
+
+
+def compressed_grad_of(param: torch.Tensor) -> CompressedGrad | None:
+    """The :class:`~lightning_compact.functional.CompressedGrad` of a weight in compressed mode, else ``None``."""
+    return getattr(param, _COMPRESSED_GRAD_ATTR, None)
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> str | None:
@@ -94,12 +111,16 @@ class CompActConfig:
         projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
         seed: base seed; each layer's seed mixes it with the layer's name and the window.
         exclude_modules: name patterns left alone (see :func:`matches_any`).
+        compress_grad: keep each converted weight's gradient compressed (``[out, rank]``,
+            for :class:`~lightning_compact.optim.CompActAdamW`) instead of decompressing
+            it into a full-size ``.grad``.
     """
 
     rank: int | float
     projection: Projection = "gaussian"
     seed: int = 0
     exclude_modules: tuple[str, ...] = tuple(DEFAULT_EXCLUDED_MODULES)
+    compress_grad: bool = False
 
     def __post_init__(self) -> None:
         resolve_rank(self.rank, in_features=1)  # validates type and range
@@ -116,6 +137,10 @@ class CompActLinear(nn.Linear):
     Still an ``nn.Linear`` (``isinstance`` checks, ``state_dict`` keys and ``repr`` fields
     are unchanged). In eval mode or under ``torch.no_grad`` it is a plain linear layer.
     The seed is plain Python state, not a buffer, so checkpoints are untouched.
+
+    With :attr:`compress_grad` set (see :meth:`set_compress_grad`) the weight's
+    gradient is accumulated compressed in ``weight.compressed_grad`` and
+    ``weight.grad`` stays ``None``.
     """
 
     rank: int
@@ -123,6 +148,7 @@ class CompActLinear(nn.Linear):
     base_seed: int
     layer_name: str
     window: int
+    compress_grad: bool
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
@@ -140,6 +166,8 @@ class CompActLinear(nn.Linear):
         new.base_seed = config.seed
         new.layer_name = name
         new.window = 0
+        new.compress_grad = False
+        new.set_compress_grad(config.compress_grad)
         return new
 
     @property
@@ -147,13 +175,50 @@ class CompActLinear(nn.Linear):
         """The seed of the current resample window."""
         return layer_seed(self.base_seed, self.layer_name, self.window)
 
+    def set_compress_grad(self, enabled: bool) -> None:
+        """Keep the weight gradient compressed (``True``) or decompress it into ``weight.grad`` (``False``)."""
+        if enabled:
+            self._grad_sink()
+        elif self.compress_grad:
+            sink = compressed_grad_of(self.weight)
+            if sink is not None and sink.value is not None:
+                raise RuntimeError(f"{self.layer_name}: a compressed gradient is pending; step or zero it first")
+            if sink is not None:
+                delattr(self.weight, _COMPRESSED_GRAD_ATTR)
+        self.compress_grad = bool(enabled)
+
+    def _grad_sink(self) -> CompressedGrad:
+        sink = compressed_grad_of(self.weight)
+        if sink is None or sink.rank != self.rank:
+            # Created on first use too: a deep copy of the model keeps the layer but not the
+            # attributes of its Parameters.
+            sink = CompressedGrad(self.in_features, self.rank, self.projection)
+            setattr(self.weight, _COMPRESSED_GRAD_ATTR, sink)
+        return sink
+
+    @property
+    def compressed_grad(self) -> torch.Tensor | None:
+        """The weight's accumulated compressed gradient ``Ĝ`` (``[out_features, rank]``), if any."""
+        sink = compressed_grad_of(self.weight)
+        return None if sink is None else sink.value
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
-            return compact_linear(input, self.weight, self.bias, rank=self.rank, seed=self.seed, projection=self.projection)
+            sink = self._grad_sink() if self.compress_grad and self.weight.requires_grad else None
+            return compact_linear(
+                input,
+                self.weight,
+                self.bias,
+                rank=self.rank,
+                seed=self.seed,
+                projection=self.projection,
+                grad_sink=sink,
+            )
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}"
+        mode = ", compress_grad=True" if self.compress_grad else ""
+        return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}{mode}"
 
 
 @dataclasses.dataclass
