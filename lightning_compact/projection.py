@@ -16,6 +16,8 @@ graphs free of breaks.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 import zlib
 from typing import Literal
 
@@ -63,17 +65,47 @@ def _splitmix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def _hash_bits(numel: int, seed: int, device: torch.device) -> torch.Tensor:
-    """``numel`` pseudo-random 32-bit words (int32) for ``seed``: two hash rounds over a counter."""
-    if numel > _MAX_ENTRIES:
-        raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {numel}")
-    key = _splitmix64(seed & _MASK64)
-    k0, k1 = _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
+def _hash_bits(numel: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+    """``numel`` pseudo-random 32-bit words (int32) for the keys: two hash rounds over a counter."""
     h = torch.arange(numel, device=device, dtype=torch.int32)
     h ^= k0
     _mix32_(h)
     h += k1  # wraps
     return _mix32_(h)
+
+
+def _build(
+    in_features: int, rank: int, k0: int, k1: int, scale: float, gaussian: bool, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    bits = _hash_bits(in_features * rank, k0, k1, device)
+    if not gaussian:
+        signs = (bits >> 31) | 1  # the sign bit as -1 or +1
+        return (signs.to(dtype) * scale).view(in_features, rank)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    # The top 24 bits k give v = (2k + 1 - 2**24) / 2**24, exact in float32 and exactly
+    # symmetric about 0 on (-1, 1); the inverse normal CDF √2·erfinv(v) makes it Gaussian.
+    odd = ((bits >> 8) & 0xFFFFFF) * 2 + (1 - 2**24)
+    normal = torch.erfinv(odd.to(work) * 2.0**-24) * (math.sqrt(2.0) * scale)
+    return normal.to(dtype).view(in_features, rank)
+
+
+# On CUDA the ~30 elementwise ops above cost one kernel launch each, which dominated the
+# step of small models; compiled, they are one fused kernel with the same integer bits
+# (and erfinv to an ulp). Compiled once with dynamic sizes and keys, so neither a new
+# seed nor a new layer shape recompiles. LIGHTNING_COMPACT_COMPILE=0 turns it off;
+# =1 also compiles on CPU.
+_COMPILE_SETTING = os.environ.get("LIGHTNING_COMPACT_COMPILE", "auto").lower()
+_compiled_build = None
+
+
+def _builder(device: torch.device):
+    global _compiled_build
+    wanted = _COMPILE_SETTING in ("1", "true") or (_COMPILE_SETTING == "auto" and device.type == "cuda")
+    if not wanted or _compiled_build is False:
+        return _build
+    if _compiled_build is None:
+        _compiled_build = torch.compile(_build, dynamic=True, fullgraph=True)
+    return _compiled_build
 
 
 def make_projection(
@@ -98,22 +130,24 @@ def make_projection(
             ``dtype`` is float64, else in float32, then cast. Each entry carries 24
             random bits (Gaussian tails reach ±5.3σ).
     """
+    global _compiled_build
     if in_features < 1 or rank < 1:
         raise ValueError(f"in_features and rank must be positive, got {in_features} and {rank}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if in_features * rank > _MAX_ENTRIES:
+        raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {in_features} x {rank}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    bits = _hash_bits(in_features * rank, seed, device)
-    scale = 1.0 / math.sqrt(rank)
-    if projection == "rademacher":
-        signs = (bits >> 31) | 1  # the sign bit as -1 or +1
-        return (signs.to(dtype) * scale).view(in_features, rank)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    # The top 24 bits k give v = (2k + 1 - 2**24) / 2**24, exact in float32 and exactly
-    # symmetric about 0 on (-1, 1); the inverse normal CDF √2·erfinv(v) makes it Gaussian.
-    odd = ((bits >> 8) & 0xFFFFFF) * 2 + (1 - 2**24)
-    normal = torch.erfinv(odd.to(work) * 2.0**-24) * (math.sqrt(2.0) * scale)
-    return normal.to(dtype).view(in_features, rank)
+    key = _splitmix64(seed & _MASK64)
+    args = (in_features, rank, _signed32(key & 0xFFFFFFFF), _signed32(key >> 32), 1.0 / math.sqrt(rank))
+    build = _builder(device)
+    if build is not _build:
+        try:
+            return build(*args, projection == "gaussian", dtype, device)
+        except Exception as err:  # a backend without a working compiler: stay correct, just slower
+            warnings.warn(f"lightning_compact: compiling the projection failed ({err!r}); using eager ops", stacklevel=2)
+            _compiled_build = False
+    return _build(*args, projection == "gaussian", dtype, device)
 
 
 def layer_seed(base_seed: int, layer_name: str, window: int) -> int:

@@ -86,3 +86,26 @@ def test_bad_shapes_and_names_are_rejected():
         make_projection(0, 4, 1)
     with pytest.raises(ValueError, match="projection must be one of"):
         make_projection(4, 2, 1, projection="sparse")
+
+
+def test_compiled_projection_matches_eager_without_recompiling(monkeypatch):
+    """The fused (torch.compile) path used on CUDA, exercised here on CPU."""
+    from torch._dynamo.utils import counters
+
+    import lightning_compact.projection as proj_module
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(proj_module, "_COMPILE_SETTING", "1")
+    monkeypatch.setattr(proj_module, "_compiled_build", None)
+    for n, r in [(64, 16), (96, 24), (688, 172)]:
+        for seed in range(3):
+            compiled = make_projection(n, r, seed)
+            assert proj_module._compiled_build not in (None, False)
+            monkeypatch.setattr(proj_module, "_COMPILE_SETTING", "0")
+            eager = make_projection(n, r, seed)
+            monkeypatch.setattr(proj_module, "_COMPILE_SETTING", "1")
+            # Same integer bits; erfinv's two implementations agree to a few float32 ulps.
+            assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    # One graph for all shapes and seeds: neither recompiles.
+    assert counters["stats"]["unique_graphs"] == 1
