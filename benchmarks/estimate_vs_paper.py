@@ -1,0 +1,106 @@
+"""The estimator beside the paper's Table 2: LLaMA-350M and 1B, batch 128, seq 256, bf16.
+
+The paper (arXiv 2410.15352, Table 2) reports the peak GPU memory of pretraining at
+these sizes; its setting, as reproduced in docs/PAPER.md, is micro-batch 128 of 256
+tokens in pure bf16 (weights, gradients and Adam moments in bf16), vocabulary 32000.
+This script estimates the same steps on fake tensors (no GPU) with
+``device_type="cuda"``, for the baseline and CompAct at n/2, n/4, n/8 in both gradient
+modes, and prints both side by side in GB (10^9 bytes, the paper's unit).
+
+Absolute peaks differ by what the two models do outside the layers CompAct touches
+(our RMSNorm computes in float32; the loss path holds different logits-sized
+buffers), so compare the *savings*: each row's drop from the first row the paper
+reports for that size (full rank for 350M; r = n/2 for 1B, whose full-rank run did
+not fit in 81 GB).
+
+    python benchmarks/estimate_vs_paper.py --out estimate_vs_paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_compact.memory.estimator import Variant, estimate
+from lightning_compact.memory.recipe import RunShape
+
+GB = 10**9
+# Table 2 of the paper, peak memory in GB (None: did not fit in 81 GB).
+PAPER_TABLE2: dict[str, dict[str, float | None]] = {
+    "llama_350m": {"baseline": 39.97, "n/2": 37.94, "n/4": 34.71, "n/8": 33.03},
+    "llama_1b": {"baseline": None, "n/2": 72.82, "n/4": 65.57, "n/8": 61.88},
+}
+RANKS = {"n/2": 0.5, "n/4": 0.25, "n/8": 0.125}
+
+
+def paper_shape(model: str) -> RunShape:
+    return RunShape(model=model, config_overrides={"vocab_size": 32000}, batch_size=128, seq_len=256,
+                    precision="bf16-true", device_type="cuda")
+
+
+def run(model: str) -> list[dict]:
+    shape = paper_shape(model)
+    paper = PAPER_TABLE2[model]
+    rows = []
+    for key in ("baseline", *RANKS):
+        ours = {}
+        modes = ("baseline",) if key == "baseline" else ("compressed", "decompress")
+        for mode in modes:
+            variant = Variant() if key == "baseline" else Variant(RANKS[key], mode)
+            result = estimate(shape, variant)
+            ours[mode] = result.peak.total
+            print(f"  {model} {variant.label}: {result.peak.total / GB:.2f} GB ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
+        rows.append({"model": model, "row": key, "paper_GB": paper[key], "ours_bytes": ours})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    header = ["model", "row", "paper GB", "paper drop", "ours compressed", "drop", "ours decompress", "drop"]
+    lines = [header]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        ref = next(r for r in mine if r["paper_GB"] is not None)  # the first row the paper has
+
+        def ours(row: dict, mode: str) -> float:
+            return row["ours_bytes"].get(mode, row["ours_bytes"].get("baseline")) / GB
+
+        for r in mine:
+            paper = r["paper_GB"]
+            cells = [model, r["row"], f"{paper:.2f}" if paper is not None else "OOM", f"{ref['paper_GB'] - paper:.2f}" if paper else "-"]
+            for mode in ("compressed", "decompress"):
+                cells += [f"{ours(r, mode):.2f}", f"{ours(ref, mode) - ours(r, mode):.2f}"]
+            lines.append(cells)
+    widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(PAPER_TABLE2), choices=list(PAPER_TABLE2))
+    parser.add_argument("--out", type=Path, help="JSON results")
+    parser.add_argument("--from-json", type=Path, help="print the table of an earlier --out instead of estimating")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        print(render(json.loads(args.from_json.read_text())["rows"]))
+        return 0
+    start = time.perf_counter()
+    rows = [row for model in args.models for row in run(model)]
+    print("Peak memory of one pretraining step, GB: paper's Table 2 vs this estimator (batch 128, seq 256, bf16, CUDA model)")
+    print("'drop' = saving against the first row the paper reports for that size (350M: baseline; 1B: n/2)\n")
+    print(render(rows))
+    info = {"torch": torch.__version__, "python": platform.python_version(), "seconds": time.perf_counter() - start}
+    print(f"\n{info}")
+    if args.out:
+        args.out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Estimate a recipe's peak training memory without a GPU: one step on fake tensors.
+
+The recipe's model is built under ``FakeTensorMode`` (tensors with shapes, dtypes and
+storages but no data, so nothing is allocated). One optimizer step on zero gradients
+creates the optimizer state (what a first training step leaves behind, without its
+forward and backward); then one full training step (forward, backward, optimizer
+step) is measured per category with
+:class:`~lightning_compact.memory.tracker.StepMemoryTracker`. This is done for the
+baseline and for CompAct at several ranks, in both gradient modes, and the measured
+savings are printed beside the paper's Table 1 formula (:mod:`.formula`).
+
+What is modelled, and how:
+
+* Precision as Lightning applies it: ``*-true`` builds the parameters in that dtype;
+  ``*-mixed`` keeps float32 parameters and runs the forward under autocast. (The
+  fp16 gradient scaler's few bytes are not modelled.)
+* Gradient accumulation: with ``accumulate_grad_batches > 1`` the measured step has two
+  micro-batches, so the second runs with the first one's gradients alive, as every
+  later micro-batch does.
+* ``device_type="cuda"``: the estimate still runs on the fake *CPU* device (fake CUDA
+  tensors abort inside ``scaled_dot_product_attention`` on a CPU-only torch), with
+  three CUDA behaviours put back: attention saves what FlashAttention-2 /
+  memory-efficient attention save (:mod:`.sdpa`) rather than what the CPU kernel
+  saves; every allocation is rounded up to 512 bytes as CUDA's caching allocator
+  does; and torch's AdamW takes its multi-tensor (``foreach``) path, its default on
+  CUDA, whose step holds one extra parameter-sized temporary.
+* Not modelled: the CUDA context, cuBLAS workspaces (64 MiB on an H200 with torch
+  2.11, allocated once per process), allocator fragmentation (``max_memory_reserved``
+  minus ``max_memory_allocated``), and memory other processes or libraries take.
+
+Checked against ``torch.cuda.max_memory_allocated`` on an H200 (torch 2.11, CUDA 13)
+with ``benchmarks/gpu_validate_estimator.py``: the 60M and 350M pretraining recipes
+(bf16-mixed, and 350M in bf16-true), baseline and CompAct n/4 in both modes, all
+within 0.25%.
+
+Command line (wired as ``lightning-compact estimate``)::
+
+    lightning-compact estimate --config recipes/pretrain/llama_350m_c4.yaml
+    lightning-compact estimate --model llama_7b --batch-size 4 --seq-len 2048 --precision bf16-true
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_compact.layers import CompActConfig, compressed_grad_of, convert_to_compact
+from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, format_bytes, format_table
+from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
+from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, RunShape, llama_module, model_config, read_recipe
+from lightning_compact.memory.sdpa import cuda_attention_memory
+from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemoryTracker
+
+__all__ = [
+    "DEFAULT_RANKS",
+    "MODES",
+    "Estimate",
+    "Variant",
+    "build",
+    "estimate",
+    "estimate_variants",
+    "forward_backward",
+    "main",
+    "variants",
+]
+
+# The paper's pretraining ranks: fractions of each layer's input size.
+DEFAULT_RANKS: tuple[float, ...] = (0.5, 0.25, 0.125)
+# CompAct's two gradient modes: "compressed" (the paper's: Ĝ and Adam moments in r-space,
+# CompActAdamW) and "decompress" (full-size .grad, any optimizer).
+MODES: tuple[str, ...] = ("compressed", "decompress")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration to estimate: the baseline (``rank=None``) or CompAct at ``rank`` in ``mode``."""
+
+    rank: int | float | None = None
+    mode: str = "compressed"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def label(self) -> str:
+        if self.rank is None:
+            return "baseline"
+        return f"CompAct {rank_label(self.rank)} {self.mode}"
+
+
+def rank_label(rank: int | float) -> str:
+    """``0.25`` -> ``n/4``; ``0.3`` -> ``0.3n``; ``8`` -> ``r=8``."""
+    if isinstance(rank, float):
+        inverse = 1 / rank
+        return f"n/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{rank:g}n"
+    return f"r={rank}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """One variant's estimated step.
+
+    Attributes:
+        variant: what was estimated.
+        step: per-category peak and per-category largest values.
+        optimizer_state_bytes: bytes held in the optimizer's state after the step.
+        table1: the paper's formula for the converted layers (``None`` for the baseline).
+        parameters: number of model parameters.
+        seconds: wall time of the estimate.
+    """
+
+    variant: Variant
+    step: StepMemory
+    optimizer_state_bytes: int
+    table1: Table1 | None
+    parameters: int
+    seconds: float
+
+    @property
+    def peak(self) -> MemoryBreakdown:
+        return self.step.peak
+
+
+def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(parameter dtype, autocast dtype or None)`` of a Lightning precision."""
+    bits, kind = precision.split("-")
+    dtype = {"64": torch.float64, "32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}[bits]
+    return (torch.float32, dtype) if kind == "mixed" else (dtype, None)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Build in the target dtype: `.to(dtype)` on a fake model would first make float32
+    # tensors, then convert them.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.device = "cpu") -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model (in training mode) and optimizer of one variant, as the estimator runs them.
+
+    Parameters are made directly in the precision's dtype on ``device``; CompAct
+    variants are converted, and the compressed mode gets ``CompActAdamW``.
+    """
+    llama = llama_module()
+    param_dtype, _ = _dtypes(shape.precision)
+    with _default_dtype(param_dtype), torch.device(device):
+        model = llama.LlamaForCausalLM(model_config(shape.model, shape.config_overrides))
+    model.train()
+    if variant.rank is not None:
+        extra = {} if shape.exclude_modules is None else {"exclude_modules": tuple(shape.exclude_modules)}
+        compress = variant.mode == "compressed"
+        convert_to_compact(model, config=CompActConfig(rank=variant.rank, compress_grad=compress, **extra))
+        if compress:
+            from lightning_compact.optim import CompActAdamW
+
+            return model, CompActAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    # torch's AdamW defaults to the multi-tensor path on CUDA and the per-tensor one on CPU.
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=shape.device_type == "cuda")
+
+
+def forward_backward(model: nn.Module, input_ids: torch.Tensor, precision: str) -> None:
+    """One micro-batch: the causal-LM loss under the precision's autocast, then its backward."""
+    _, autocast_dtype = _dtypes(precision)
+    device_type = input_ids.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = model(input_ids, labels=input_ids)
+    loss.backward()
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    storages: dict[int, tuple[Any, int]] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                st = value.untyped_storage()
+                storages.setdefault(id(st), (st, st.nbytes()))
+    return sum(n for _, n in storages.values())
+
+
+def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Take one optimizer step on zero gradients: the state of a trained step, minus a forward and backward."""
+    with torch.no_grad():
+        for p in model.parameters():
+            sink = compressed_grad_of(p)
+            if sink is not None:
+                sink.accumulate(p.new_zeros(p.shape[0], sink.rank), seed=0)
+            else:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True) -> Estimate:
+    """Estimate (``fake=True``) or measure (``fake=False``, real CPU tensors) one variant's step.
+
+    Args:
+        shape: model, batch, precision, device type.
+        variant: baseline or a CompAct rank and mode.
+        fake: run on fake tensors (nothing allocated). ``False`` allocates everything on
+            the CPU: for checking the estimate on small models.
+
+    Raises:
+        MemTrackerUnavailable: torch lacks the accounting API.
+        ValueError: an unknown model or precision.
+    """
+    if not fake and shape.device_type != "cpu":
+        raise ValueError("a real (fake=False) step runs on the CPU: use device_type='cpu'")
+    start = time.perf_counter()
+    cuda = shape.device_type == "cuda"
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode())
+        if cuda:
+            stack.enter_context(cuda_attention_memory())
+        model, optimizer = build(shape, variant)
+        vocab = model.config.vocab_size
+        input_ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len))
+        recorder = LinearInputRecorder(model)
+
+        def micro_batch(record: bool = False) -> None:
+            with recorder if record else contextlib.nullcontext():
+                forward_backward(model, input_ids, shape.precision)
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        _create_optimizer_state(model, optimizer)
+        round_to = CUDA_ALLOCATION_ROUNDING if cuda else 1
+        with StepMemoryTracker(modules=[model], optimizers=[optimizer], tensors=[input_ids], round_to=round_to) as tracker:
+            micro_batch(record=True)
+            if shape.accumulate_grad_batches > 1:
+                tracker.next_forward()
+                micro_batch()  # runs with the previous micro-batch's gradients alive
+            optimizer_step()
+        step = tracker.result()
+        formula = table1(model, recorder) if variant.rank is not None else None
+        state_bytes = _state_bytes(optimizer)
+        n_params = sum(p.numel() for p in model.parameters())
+    return Estimate(variant, step, state_bytes, formula, n_params, time.perf_counter() - start)
+
+
+def variants(ranks: Sequence[int | float] = DEFAULT_RANKS, modes: Sequence[str] = MODES) -> list[Variant]:
+    """The baseline, then each rank in each mode."""
+    return [Variant(), *(Variant(rank, mode) for rank in ranks for mode in modes)]
+
+
+def estimate_variants(shape: RunShape, chosen: Sequence[Variant], *, progress: bool = False) -> list[Estimate]:
+    """:func:`estimate` for each variant, in order."""
+    results = []
+    for variant in chosen:
+        result = estimate(shape, variant)
+        if progress:
+            print(f"  {variant.label}: peak {format_bytes(result.peak.total)} GiB ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
+        results.append(result)
+    return results
+
+
+def describe(shape: RunShape) -> str:
+    """One line naming the run."""
+    overrides = f" {shape.config_overrides}" if shape.config_overrides else ""
+    return (
+        f"{shape.model}{overrides} · batch {shape.batch_size} × seq {shape.seq_len} · {shape.precision} · "
+        f"accumulate {shape.accumulate_grad_batches} · device {shape.device_type}"
+    )
+
+
+def report(shape: RunShape, results: Sequence[Estimate], units: str = "GiB") -> str:
+    """The breakdown table, then Table 1's savings beside the measured ones."""
+    n_params = results[0].parameters if results else 0
+    lines = [f"Estimated peak memory of one training step: {describe(shape)} ({n_params / 1e6:.1f}M parameters)", ""]
+    rows = {r.variant.label: r.peak for r in results}
+    base = next((r for r in results if r.variant.rank is None), None)
+    lines.append(format_table(rows, units, baseline=base.variant.label if base else None))
+    lines += ["", "Categories at the moment of the peak; storages shared by several tensors counted once."]
+    compact = [r for r in results if r.table1 is not None]
+    if base is not None and compact:
+        lines += ["", f"Savings against the baseline ({units}): paper's Table 1 formula / measured here", ""]
+        header = ["", "gradients", "optimizer states", "linear inputs"]
+        body = [header]
+        for r in compact:
+            formula = r.table1.savings()
+            measured = {
+                # Gradients are all alive at the end of the backward, activations at the end of
+                # the forward: compare each at its own largest, not at the total peak.
+                "gradients": base.step.largest.gradients - r.step.largest.gradients,
+                "optimizer_states": base.optimizer_state_bytes - r.optimizer_state_bytes,
+                "activations": base.step.largest.activations - r.step.largest.activations,
+            }
+            body.append([r.variant.label] + [f"{format_bytes(formula[k], units)} / {format_bytes(measured[k], units)}" for k in measured])
+        widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in body]
+        lines += [
+            "",
+            "Formula: gradients m·n -> m·r and Adam moments 2·m·n -> 2·m·r per converted weight (compressed mode",
+            "only), linear inputs b·l·n (once per distinct input, or per layer where autocast casts it) -> b·l·r",
+            "per converted layer. Measured gradients",
+            "and activations are each category's largest over the step; optimizer states are the optimizer's tensors.",
+        ]
+    return "\n".join(lines)
+
+
+def to_json(shape: RunShape, results: Sequence[Estimate]) -> dict[str, Any]:
+    """Everything :func:`report` shows, in bytes."""
+    return {
+        "shape": dataclasses.asdict(shape),
+        "torch": torch.__version__,
+        "results": [
+            {
+                "label": r.variant.label,
+                "rank": r.variant.rank,
+                "mode": None if r.variant.rank is None else r.variant.mode,
+                "peak": r.peak.as_dict(),
+                "largest": r.step.largest.as_dict(),
+                "optimizer_state_bytes": r.optimizer_state_bytes,
+                "table1": dataclasses.asdict(r.table1) if r.table1 else None,
+                "parameters": r.parameters,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ],
+    }
+
+
+def _rank(text: str) -> int | float:
+    value = float(text)
+    if "." in text or "e" in text.lower() or value < 1:
+        return value
+    return int(value)
+
+
+def _override(text: str) -> tuple[str, int | float]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    number = float(value)
+    return key, int(number) if number.is_integer() and "." not in value else number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-compact estimate`` arguments."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-compact estimate",
+        description=(
+            "Estimate the peak memory of one training step, by category, for the baseline and CompAct, "
+            "without a GPU (the step runs on fake tensors)."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="a lightning-compact YAML recipe (model, batch, seq, precision)")
+    source.add_argument("--model", help=f"a LLaMA shape instead of a recipe: a preset or one of {', '.join(ESTIMATOR_SHAPES)}")
+    parser.add_argument("--config-overrides", nargs="+", type=_override, default=[], metavar="KEY=VALUE",
+                        help="LlamaConfig fields to change, e.g. num_hidden_layers=4")
+    parser.add_argument("--rank", nargs="+", type=_rank, default=None,
+                        help="CompAct ranks: fractions of each layer's input (0.25 = n/4) or ints (default: 0.5 0.25 0.125)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="CompAct gradient modes to estimate")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (recipe: data.init_args.batch_size)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (recipe: data.init_args.seq_len)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="Lightning precision (recipe: trainer.precision)")
+    parser.add_argument("--accumulate-grad-batches", type=int, help="micro-batches per step (recipe: trainer.accumulate_grad_batches)")
+    parser.add_argument("--device-type", choices=("cuda", "cpu"), help="kernels and allocator to model (recipe: trainer.accelerator)")
+    parser.add_argument("--units", default="GiB", choices=("GiB", "GB", "MiB", "MB"), help="units of the table")
+    parser.add_argument("--plot", type=Path, default=Path("memory_estimate.png"), help="bar chart to write (PNG)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the chart")
+    parser.add_argument("--json", type=Path, help="also write the figures (bytes) as JSON here")
+    return parser
+
+
+def shape_from_args(args: argparse.Namespace) -> RunShape:
+    """The recipe's (or preset's) :class:`RunShape` with the command-line overrides applied."""
+    if args.config is not None:
+        shape = read_recipe(args.config)
+    else:
+        shape = RunShape(model=args.model, batch_size=8, seq_len=256, precision="bf16-mixed", device_type="cuda")
+    changes: dict[str, Any] = {}
+    if args.config_overrides:
+        changes["config_overrides"] = {**shape.config_overrides, **dict(args.config_overrides)}
+    for name in ("batch_size", "seq_len", "precision", "accumulate_grad_batches", "device_type"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    shape = dataclasses.replace(shape, **changes)
+    model_config(shape.model, shape.config_overrides)  # fail early on an unknown model or field
+    return shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-compact estimate``: print the table, write the chart (and JSON). Returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        shape = shape_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    ranks = args.rank
+    if ranks is None:
+        ranks = list(DEFAULT_RANKS)
+        if shape.compact_rank is not None and shape.compact_rank not in ranks:
+            ranks.append(shape.compact_rank)
+    modes = list(dict.fromkeys(args.modes))
+    print(f"Estimating {describe(shape)} ...", file=sys.stderr, flush=True)
+    results = estimate_variants(shape, variants(ranks, modes), progress=True)
+    print(report(shape, results, args.units))
+    if args.json is not None:
+        args.json.write_text(json.dumps(to_json(shape, results), indent=2))
+        print(f"\nwrote {args.json}")
+    if not args.no_plot:
+        from lightning_compact.memory.plot import plot_breakdowns
+
+        try:
+            plot_breakdowns({r.variant.label: r.peak for r in results}, args.plot, title=describe(shape), units=args.units)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed: no chart written (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The fake-tensor estimator: agreement with real tensors, Table 1, recipes, the command line."""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_compact.memory import StepMemoryTracker
+from lightning_compact.memory.breakdown import CATEGORIES
+from lightning_compact.memory.estimator import Variant, estimate, main, variants
+from lightning_compact.memory.recipe import CLI_DEFAULT_RANK, RunShape, read_recipe
+from lightning_compact.memory.sdpa import cuda_attention_memory
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4)
+
+
+def small_shape(**changes) -> RunShape:
+    base = RunShape(model="llama_60m", config_overrides=SMALL, batch_size=4, seq_len=64, precision="32-true", device_type="cpu")
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("variant", [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompress")], ids=lambda v: v.label)
+def test_fake_step_matches_real_step_per_category(variant, precision):
+    shape = small_shape(precision=precision)
+    fake, real = estimate(shape, variant), estimate(shape, variant, fake=False)
+    # Fake and real tensors run the same ops with the same shapes and storages, so the
+    # accounting should agree exactly; 2% leaves room for kernels that allocate
+    # differently than their fake (meta) counterparts in other torch versions.
+    for name in (*CATEGORIES, "total"):
+        for which in ("peak", "largest"):
+            f = getattr(fake.step, which).as_dict()[name]
+            r = getattr(real.step, which).as_dict()[name]
+            assert f == pytest.approx(r, rel=0.02, abs=0.02 * real.peak.total / 100), (which, name)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_table1_formula_equals_measured_savings_on_llama(precision):
+    # In this LLaMA no op other than q/k/v (gate/up, down) keeps the converted layers'
+    # inputs, and every compressed weight's gradient and moments are [out, r]: the
+    # formula's savings are exact, byte for byte (under bf16-mixed too, where each layer
+    # saves its own bf16 cast of the float32 input).
+    shape = small_shape(precision=precision)
+    base = estimate(shape)
+    for mode in ("compressed", "decompress"):
+        compact = estimate(shape, Variant(0.25, mode))
+        saved = compact.table1.savings()
+        assert saved["gradients"] == base.step.largest.gradients - compact.step.largest.gradients
+        assert saved["optimizer_states"] == base.optimizer_state_bytes - compact.optimizer_state_bytes
+        assert saved["activations"] == base.step.largest.activations - compact.step.largest.activations
+        assert saved["activations"] > 0
+        assert (saved["gradients"] > 0) == (mode == "compressed")
+
+
+def test_shared_inputs_count_once_in_the_formula():
+    compact = estimate(small_shape(), Variant(0.25, "decompress"))
+    before, after = compact.table1.activations
+    tokens, d, f, layers = 4 * 64, SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["num_hidden_layers"]
+    # Per layer: one input for q/k/v, one for gate/up, one for down (o_proj is not converted).
+    assert before == layers * tokens * (d + d + f) * 4
+    # ... but each of the 6 converted layers stores its own x·P.
+    assert after == layers * tokens * (3 * d // 4 + 2 * d // 4 + f // 4) * 4
+
+
+def test_accumulation_keeps_gradients_alive_through_the_next_micro_batch():
+    single = estimate(small_shape())
+    accumulated = estimate(small_shape(accumulate_grad_batches=4))
+    params = single.peak.parameters
+    assert single.peak.gradients < params
+    assert accumulated.peak.gradients == params  # the first micro-batch's, at the second's peak
+
+
+def test_cuda_attention_saves_qkv_output_and_logsumexp_only():
+    b, h, seq, d = 2, 4, 128, 32
+    with FakeTensorMode(), cuda_attention_memory():
+        q, k, v = (torch.empty(b, h, seq, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with StepMemoryTracker(tensors=[q, k, v]) as tracker:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            merged = out.transpose(1, 2).reshape(b, seq, h * d)  # the output projection's input
+        activations = tracker.result().peak.activations
+        assert merged._base is not None or merged.untyped_storage().nbytes() == out.untyped_storage().nbytes()
+    # The output (a view, no copy) and the float32 log-sum-exp; never [seq, seq] probabilities.
+    assert activations == b * h * seq * d * 2 + b * h * seq * 4
+
+
+def test_cuda_attention_under_autocast_saves_the_low_precision_casts():
+    # Rotary embeddings in float32 make q and k float32 under bf16-mixed; CUDA's autocast
+    # runs SDPA in bf16 and its kernel saves the bf16 casts, not the float32 originals.
+    b, h, seq, d = 2, 4, 128, 32
+    with FakeTensorMode(), cuda_attention_memory():
+        q, k, v = (torch.empty(b, h, seq, d, dtype=torch.float32, requires_grad=True) for _ in range(3))
+        with StepMemoryTracker(tensors=[q, k, v]) as tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert out.dtype == torch.bfloat16
+        activations = tracker.result().peak.activations
+    assert activations == 4 * b * h * seq * d * 2 + b * h * seq * 4  # q, k, v casts and output, log-sum-exp
+
+
+def test_cuda_attention_stand_in_refuses_real_tensors():
+    q = torch.randn(1, 1, 4, 8)
+    with cuda_attention_memory(), pytest.raises(RuntimeError, match="FakeTensorMode"):
+        F.scaled_dot_product_attention(q, q, q)
+
+
+def test_cuda_estimate_rounds_allocations_and_uses_foreach_adam():
+    cpu = estimate(small_shape(device_type="cpu"))
+    cuda = estimate(small_shape(device_type="cuda"))
+    assert cuda.peak.parameters % 512 == 0 and cuda.peak.parameters >= cpu.peak.parameters
+    # During its step, foreach AdamW holds a temporary the size of all parameters together,
+    # the per-tensor path one the size of the largest parameter (here a quarter of them).
+    assert cuda.step.largest.optimizer_states > cpu.step.largest.optimizer_states + 0.5 * cpu.peak.parameters
+
+
+def test_paper_recipe_is_read_from_its_yaml():
+    shape = read_recipe(REPO / "recipes/pretrain/llama_350m_c4.yaml")
+    assert (shape.model, shape.batch_size, shape.seq_len) == ("llama_350m", 128, 256)
+    assert shape.precision == "bf16-mixed"
+    assert shape.accumulate_grad_batches == 4
+    assert shape.device_type == "cuda"
+    assert shape.config_overrides == {"vocab_size": 32100}
+    assert shape.compact_rank == 0.25
+
+
+def test_recipe_without_compact_section_gets_the_clis_default_rank(tmp_path):
+    cli = pytest.importorskip("lightning_compact.cli")
+    assert CLI_DEFAULT_RANK == cli.DEFAULT_RANK
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer: {accelerator: cpu, precision: 32}\nmodel: {model: llama_60m}\ndata: {init_args: {max_length: 32, batch_size: 2}}\n")
+    shape = read_recipe(recipe)
+    assert (shape.compact_rank, shape.device_type, shape.precision, shape.seq_len) == (cli.DEFAULT_RANK, "cpu", "32-true", 32)
+
+
+def test_recipe_without_a_batch_size_says_which_keys_were_tried(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {init_args: {model: llama_60m}}\ndata: {init_args: {seq_len: 8}}\n")
+    with pytest.raises(ValueError, match="data.init_args.batch_size"):
+        read_recipe(recipe)
+
+
+def test_command_line_prints_every_variant_and_writes_chart_and_json(tmp_path, capsys):
+    overrides = [f"{k}={v}" for k, v in SMALL.items()]
+    png, out = tmp_path / "chart.png", tmp_path / "est.json"
+    code = main(["--model", "llama_60m", "--config-overrides", *overrides, "--batch-size", "2", "--seq-len", "32",
+                 "--precision", "32-true", "--rank", "0.25", "--plot", str(png), "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    for variant in variants([0.25]):
+        assert variant.label in text
+    assert "Table 1" in text
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(out.read_text())
+    assert [r["label"] for r in data["results"]] == [v.label for v in variants([0.25])]
+
+
+def test_command_line_reads_a_recipe_and_applies_overrides(tmp_path, capsys):
+    code = main(["--config", str(REPO / "recipes/pretrain/llama_60m_c4.yaml"), "--config-overrides", "num_hidden_layers=1",
+                 "--batch-size", "2", "--seq-len", "16", "--rank", "0.5", "--modes", "decompress", "--no-plot"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "batch 2 × seq 16" in text and "CompAct n/2 decompress" in text and "n/2 compressed" not in text
+
+
+def test_command_line_rejects_an_unknown_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "gpt_5", "--no-plot"])
+    assert "llama_7b" in capsys.readouterr().err
+
+
+def test_llama_1b_recipe_estimates_in_under_a_minute():
+    shape = read_recipe(REPO / "recipes/pretrain/llama_1b_c4.yaml")
+    start = time.perf_counter()
+    base = estimate(shape)
+    compact = estimate(shape, Variant(0.125, "compressed"))
+    elapsed = time.perf_counter() - start
+    assert compact.peak.total < base.peak.total
+    assert base.parameters > 1.0e9
+    assert elapsed < 60
+
+
+def test_llama_7b_shape_estimates():
+    shape = RunShape(model="llama_7b", batch_size=1, seq_len=2048, precision="bf16-true", device_type="cuda")
+    base = estimate(shape)
+    assert 6.5e9 < base.parameters < 7.0e9
+    assert base.peak.parameters == pytest.approx(base.parameters * 2, rel=0.001)
