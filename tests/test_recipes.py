@@ -1,0 +1,62 @@
+"""Recipes carry the paper's hyperparameters and say where they come from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_compact.data import GLUE_TASKS, PACKAGED
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# The paper's pretraining setup (Section 4.1 / Table 2): size -> (steps, lr, T).
+PAPER_PRETRAIN = {"60m": (10_000, 0.01, 50), "130m": (20_000, 0.01, 50), "350m": (60_000, 0.01, 50), "1b": (100_000, 0.003, 200)}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_recipe_header_says_where_its_numbers_come_from(recipe):
+    header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "lightning-compact fit --config recipes/" in header
+    assert "Section" in header or "Table" in header
+
+
+@pytest.mark.parametrize("size", PAPER_PRETRAIN)
+def test_pretraining_recipes_follow_the_paper(size):
+    cfg = load(RECIPES / "pretrain" / f"llama_{size}_c4.yaml")
+    steps, lr, gap = PAPER_PRETRAIN[size]
+    trainer, model, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert trainer["max_steps"] == steps and trainer["precision"] == "bf16-mixed"
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] == 512
+    assert data["seq_len"] == 256 and data["dataset"] == "c4" and data["tokenizer"] == "t5-base"
+    assert model["model"] == f"llama_{size}" and model["lr"] == lr
+    assert (model["warmup_ratio"], model["min_lr_ratio"], model["decay"]) == (0.1, 0.1, "cosine")
+    assert cfg["compact"] == {"enabled": True, "rank": 0.25, "update_proj_gap": gap, "scale": 0.25}
+    # Validation every 1,000 optimizer steps, counted in micro-batches.
+    assert trainer["val_check_interval"] == 1000 * trainer["accumulate_grad_batches"]
+
+
+@pytest.mark.parametrize("task", GLUE_TASKS)
+def test_finetuning_recipes_follow_the_paper(task):
+    cfg = load(RECIPES / "finetune" / f"roberta_base_glue_{task}.yaml")
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert cfg["trainer"]["max_epochs"] == 30
+    assert (data["batch_size"], data["max_length"], data["task"], data["tokenizer"]) == (16, 512, task, "roberta-base")
+    assert (model["model"], model["task"], model["pretrained"]) == ("roberta-base", task, True)
+    assert (cfg["compact"]["rank"], cfg["compact"]["update_proj_gap"], cfg["compact"]["scale"]) == (8, 500, 2.0)
+
+
+@pytest.mark.parametrize("name", ["pretrain_llama_tiny", "finetune_minilm"])
+def test_quickstarts_need_no_hub_and_run_on_cpu(name):
+    cfg = load(RECIPES / "quickstart" / f"{name}.yaml")
+    data = cfg["data"]["init_args"]
+    assert cfg["trainer"]["accelerator"] == "cpu"
+    assert data["dataset"] in PACKAGED
+    assert data["tokenizer"] == "byte" or data["tokenizer"] in PACKAGED
+    assert cfg["model"]["init_args"]["model"].startswith("llama_") or cfg["model"]["init_args"]["model"] in PACKAGED
+    assert cfg["compact"]["enabled"] is True and cfg["memory"]["enabled"] is True
