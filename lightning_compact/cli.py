@@ -1,4 +1,8 @@
-"""``lightning-compact``: the LightningCLI entry point (``fit``, ``validate``, ``test``).
+"""``lightning-compact``: the LightningCLI entry point (``fit``, ``validate``, ``test``, ``estimate``).
+
+``estimate`` is not a Trainer command: it runs one training step of a recipe's model
+under FakeTensorMode (nothing allocated) and prints where the memory goes; see
+:mod:`lightning_compact.memory.estimator` (``lightning-compact estimate --help``).
 
 Two callback groups are added to Lightning's usual ``trainer``/``model``/``data`` ones:
 
@@ -16,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, Trainer
@@ -27,7 +33,7 @@ import lightning_compact.models.causal_lm  # noqa: F401
 import lightning_compact.models.classification  # noqa: F401
 from lightning_compact import CompActCallback, PeakMemoryMonitor
 
-__all__ = ["CompactCLI", "main"]
+__all__ = ["CompactCLI", "main", "run_cli"]
 
 # Callback groups with an on/off switch: nested key -> class.
 SWITCHED_CALLBACKS: dict[str, type[Callback]] = {"compact": CompActCallback, "memory": PeakMemoryMonitor}
@@ -71,10 +77,21 @@ class CompactCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
 
-def main(args: list[str] | None = None) -> CompactCLI:
-    """Run the CLI on ``args`` (default: ``sys.argv``); returns it for tests and notebooks."""
-    return CompactCLI(args=args)
+def run_cli(args: Sequence[str] | None = None) -> CompactCLI:
+    """Run the Trainer CLI on ``args`` (default: ``sys.argv``); returns it for tests and notebooks."""
+    return CompactCLI(args=None if args is None else list(args))
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """The console script: ``estimate`` or a Trainer subcommand. Returns the exit status."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["estimate"]:
+        from lightning_compact.memory.estimator import main as estimate_main
+
+        return estimate_main(argv[1:])
+    run_cli(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

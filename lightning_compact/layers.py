@@ -40,6 +40,7 @@ __all__ = [
 
 # Left uncompressed by default, with the reason shown in the conversion table.
 # Output heads: small inputs, large outputs, and the paper leaves them exact.
+# Poolers (BERT-style) see one token per sequence: nothing to save, only noise to add.
 # Attention output projections: their input is the attention output, which the
 # attention op already saves, so compressing it saves nothing and only adds noise.
 DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
@@ -47,6 +48,7 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "classifier": "output head",
     "score": "output head",
     "head": "output head",
+    "pooler": "pooler (one token per sequence)",
     "o_proj": "attention output",
     "out_proj": "attention output",
     "attention.output.dense": "attention output",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor
-from lightning_compact.cli import CompactCLI, main
+from lightning_compact.cli import CompactCLI, main, run_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
@@ -74,7 +74,7 @@ def test_compact_rank_defaults_to_a_quarter_without_a_recipe():
 @needs_bible
 def test_pretrain_quickstart_trains_with_compact_and_reports_memory(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN])
+    cli = run_cli(["fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN])
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "val/loss", "val/ppl"} <= set(metrics)
     assert cli.trainer.global_step == 4
@@ -91,11 +91,11 @@ def test_pretrain_quickstart_trains_with_compact_and_reports_memory(tmp_path, mo
 @needs_bible
 def test_pretrain_quickstart_baseline_and_test_subcommand(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN, "--compact.enabled=false"])
+    cli = run_cli(["fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN, "--compact.enabled=false"])
     assert _callbacks(cli, CompActCallback) == []
     (memory,) = _callbacks(cli, PeakMemoryMonitor)
     assert "memory/saved_activations_uncompressed_MiB" not in memory.history[-1]  # nothing compressed
-    cli = main(["test", "--config", PRETRAIN_QUICKSTART, *TINY_RUN, "--trainer.limit_test_batches=2"])
+    cli = run_cli(["test", "--config", PRETRAIN_QUICKSTART, *TINY_RUN, "--trainer.limit_test_batches=2"])
     assert {"test/loss", "test/ppl"} <= set(cli.trainer.callback_metrics)
 
 
@@ -112,9 +112,33 @@ def test_finetune_quickstart_fine_tunes_the_packaged_minilm(tmp_path, monkeypatc
         args.append(
             f"--data.init_args.data_files={{train: 'zip://drugsComTrain.tsv::{archive}', test: 'zip://drugsComTest.tsv::{archive}'}}"
         )
-    cli = main(args)
+    cli = run_cli(args)
     assert {"train/loss", "val/loss", "val/acc", "val/f1"} <= set(cli.trainer.callback_metrics)
     (compact,) = _callbacks(cli, CompActCallback)
     converted = set(compact.layers)
     assert any(name.endswith("attention.self.query") for name in converted)
     assert not any("pooler" in name or "attention.output" in name or "classifier" in name for name in converted)
+
+
+@needs_bible
+def test_console_script_exits_zero_after_a_run(tmp_path):
+    # The console script wrapper does sys.exit(main()): main must return a status, not the CLI.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_compact.cli", "fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN,
+         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_estimate_subcommand_prints_the_breakdown(tmp_path, capsys):
+    chart = tmp_path / "chart.png"
+    assert main(["estimate", "--config", PRETRAIN_QUICKSTART, "--rank", "0.25", "--plot", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "optimizer" in out.lower()
+    assert chart.stat().st_size > 0

@@ -124,3 +124,13 @@ def test_bare_linear_and_ambiguous_arguments_are_refused():
         convert_to_compact(nn.Linear(4, 4), rank=2)
     with pytest.raises(ValueError, match="exactly one"):
         convert_to_compact(nn.Sequential(nn.Linear(4, 4)), rank=2, config=CompActConfig(rank=2))
+
+
+def test_poolers_are_left_alone_by_default():
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(16, 16))
+    model.pooler = nn.Module()
+    model.pooler.dense = nn.Linear(16, 16)
+    report = convert_to_compact(model, rank=4)
+    assert "encoder.0" in report.converted
+    assert "pooler" in report.skipped["pooler.dense"]
