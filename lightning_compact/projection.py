@@ -74,9 +74,10 @@ def _hash_bits(numel: int, k0: int, k1: int, device: torch.device) -> torch.Tens
     return _mix32_(h)
 
 
-def _build(
-    in_features: int, rank: int, k0: int, k1: int, scale: float, gaussian: bool, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def _build(in_features: int, rank: int, k0: int, k1: int, gaussian: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # The scale is derived here from the (symbolic, when compiled) rank: a float argument
+    # would be specialised by torch.compile and recompile for every rank.
+    scale = rank**-0.5
     bits = _hash_bits(in_features * rank, k0, k1, device)
     if not gaussian:
         signs = (bits >> 31) | 1  # the sign bit as -1 or +1
@@ -139,7 +140,7 @@ def make_projection(
         raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {in_features} x {rank}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     key = _splitmix64(seed & _MASK64)
-    args = (in_features, rank, _signed32(key & 0xFFFFFFFF), _signed32(key >> 32), 1.0 / math.sqrt(rank))
+    args = (in_features, rank, _signed32(key & 0xFFFFFFFF), _signed32(key >> 32))
     build = _builder(device)
     if build is not _build:
         try:
