@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
@@ -59,3 +60,25 @@ def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass

@@ -1,31 +1,10 @@
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from helpers import PlainLM, make_trainer, token_loader
+from helpers import PlainLM, RecordingLogger, make_trainer, token_loader
 from lightning_compact import CompActCallback, PeakMemoryMonitor, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
-
-
-class RecordingLogger(Logger):
-    def __init__(self):
-        super().__init__()
-        self.metrics = []
-
-    @property
-    def name(self):
-        return "rec"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 def test_tracker_counts_the_input_for_plain_and_x_p_for_compact_linear():

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from helpers import PlainLM, make_trainer, token_loader
+from helpers import PlainLM, RecordingLogger, make_trainer, token_loader
 from lightning_compact import CompActConfig, PeakMemoryMonitor, convert_to_compact
 from lightning_compact.memory import (
     CUDA_ALLOCATION_ROUNDING,
@@ -143,26 +142,6 @@ def test_breakdown_table_lists_every_category_and_the_total():
         assert title in text
     assert "1.50" in text  # the total, GiB
     assert b.total == 2**30 + 2**29
-
-
-class RecordingLogger(Logger):
-    def __init__(self):
-        super().__init__()
-        self.metrics = []
-
-    @property
-    def name(self):
-        return "rec"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 BREAKDOWN_KEYS = [f"memory/breakdown/{k}_MiB" for k in (*CATEGORIES, "total")]
