@@ -119,8 +119,8 @@ class CompActCallback(Callback):
         target_modules: name patterns of the layers to convert (default: all linear
             layers). Each pattern must match at least one linear layer.
         exclude_modules: name patterns left uncompressed. Default:
-            :data:`~lightning_compact.layers.DEFAULT_EXCLUDED_MODULES` (output heads and
-            attention output projections). A list given here replaces the default.
+            :data:`~lightning_compact.layers.DEFAULT_EXCLUDED_MODULES` (output heads,
+            poolers and attention output projections). A list given here replaces the default.
         projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
         compress_optimizer: ``"auto"`` (default): compressed mode when the optimizer is
             Adam/AdamW (or already ``CompActAdamW``), else gradient decompression with a
