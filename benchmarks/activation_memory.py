@@ -1,4 +1,4 @@
-"""Saved-activation bytes and step time: baseline vs CompAct (r = n/4, n/8), side by side.
+"""Saved-activation bytes and step time: baseline vs CompAct (r = n/4, n/8; per layer or shared), side by side.
 
 One process, one model shape, the same batch for every configuration; step times are
 medians over interleaved repetitions, so the ratios compare like with like.
@@ -7,7 +7,8 @@ medians over interleaved repetitions, so the ratios compare like with like.
     python benchmarks/activation_memory.py --preset paper-cpu   # d=512, 8 layers, vocab 32000, b=8, l=256
     python benchmarks/activation_memory.py --out results.json
 
-Saved activations are the unique storages kept for the backward pass in one step
+"shared" is ``share_projection=True``: one projection (and one stored ``x·P``) for
+q/k/v and one for gate/up. Saved activations are the unique storages kept for the backward pass in one step
 (:class:`lightning_compact.memory.SavedActivationTracker`); parameters excluded.
 """
 
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from lightning_compact import convert_to_compact
+from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -33,11 +34,11 @@ SHAPES = {
 MIB = 2**20
 
 
-def build(config: LlamaConfig, rank: float | None) -> LlamaForCausalLM:
+def build(config: LlamaConfig, rank: float | None, share: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if rank is not None:
-        convert_to_compact(model, rank=rank)
+        convert_to_compact(model, config=CompActConfig(rank=rank, share_projection=share))
     return model.train()
 
 
@@ -58,8 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     config, batch, seq = SHAPES[args.preset]
     tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    configs = {"baseline": None, "compact r=n/4": 0.25, "compact r=n/8": 0.125}
-    models = {name: build(config, rank) for name, rank in configs.items()}
+    configs = {
+        "baseline": (None, False),
+        "compact r=n/4": (0.25, False),
+        "compact r=n/8": (0.125, False),
+        "shared r=n/4": (0.25, True),
+        "shared r=n/8": (0.125, True),
+    }
+    models = {name: build(config, rank, share) for name, (rank, share) in configs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
 
     saved = {}

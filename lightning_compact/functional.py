@@ -18,6 +18,7 @@ the paper's full method, where an optimizer such as
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -113,19 +114,13 @@ class CompressedGrad:
 class _CompActLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input, weight, bias, rank: int, seed: int, projection: Projection, grad_sink, weight_dtype
+        ctx, input, weight, bias, compressed, rank: int, seed: int, projection: Projection, grad_sink, weight_dtype
     ):
+        # ``compressed`` (x·P) is made by compact_linear, outside autograd, so layers that
+        # share an input and a projection can share it too.
         output = F.linear(input, weight, bias)
-        needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        in_features = weight.shape[1]
-        compressed = None
-        if needs_weight_grad:
-            proj = make_projection(in_features, rank, seed, projection=projection, device=input.device, dtype=input.dtype)
-            compressed = input.reshape(-1, in_features) @ proj
-            for observer in _OBSERVERS:
-                observer(input, compressed)
         # Save only what each gradient needs: W for ∂L/∂x, x·P for ∂L/∂W.
-        ctx.save_for_backward(compressed, weight if needs_input_grad else None)
+        ctx.save_for_backward(compressed, weight if ctx.needs_input_grad[0] else None)
         ctx.input_shape = input.shape
         ctx.has_bias = bias is not None
         ctx.rank, ctx.seed, ctx.projection = rank, seed, projection
@@ -159,7 +154,7 @@ class _CompActLinearFunction(torch.autograd.Function):
                 grad_weight = grad_compressed @ proj.t()  # [m, n]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def compact_linear(
@@ -171,6 +166,7 @@ def compact_linear(
     seed: int,
     projection: Projection = "gaussian",
     grad_sink: CompressedGrad | None = None,
+    share_compressed: bool = False,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` that keeps only ``input @ P`` (rank ``rank``) for the backward.
 
@@ -184,6 +180,10 @@ def compact_linear(
         grad_sink: where the compressed weight gradient goes instead of ``weight.grad``
             (``None``: decompress it into ``weight.grad``). Its ``in_features``, ``rank``
             and ``projection`` must match this call's.
+        share_compressed: reuse the ``x·P`` of the previous call when it had the very
+            same ``input`` tensor (unmodified), rank, seed and projection, instead of
+            computing and saving another: layers that read one input with one seed
+            (q/k/v, gate/up under ``share_projection``) then keep a single ``x·P``.
 
     Returns:
         The same output as ``F.linear``. Without a sink ``weight.grad`` receives an
@@ -200,13 +200,55 @@ def compact_linear(
             f"{grad_sink!r} does not match rank={rank}, in_features={weight.shape[1]}, projection={projection!r}"
         )
     weight_dtype = weight.dtype
+    source = input
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         # Mirror autocast's rule for F.linear (run in the lower precision), then keep
         # autocast out of the Function so forward and backward see the same dtypes.
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    compressed = None
+    if weight.requires_grad and torch.is_grad_enabled():
+        key = (rank, seed, projection, input.dtype)
+        compressed = _SHARED_COMPRESSION.get(source, key) if share_compressed else None
+        if compressed is None:
+            with torch.no_grad():
+                proj = make_projection(weight.shape[1], rank, seed, projection=projection, device=input.device, dtype=input.dtype)
+                compressed = input.reshape(-1, weight.shape[1]) @ proj
+            if share_compressed:
+                _SHARED_COMPRESSION.put(source, key, compressed)
+        for observer in _OBSERVERS:
+            observer(input, compressed)
+    args = (input, weight, bias, compressed, rank, seed, projection, grad_sink, weight_dtype)
+    if autocast:
         with torch.autocast(device_type, enabled=False):
-            return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection, grad_sink, weight_dtype)
-    return _CompActLinearFunction.apply(input, weight, bias, rank, seed, projection, grad_sink, weight_dtype)
+            return _CompActLinearFunction.apply(*args)
+    return _CompActLinearFunction.apply(*args)
+
+
+class _LastCompression:
+    """The most recent shareable ``x·P``, keyed by the very input tensor (and its version).
+
+    Layers reading one input with one projection (q, k, v; gate, up) run one after the
+    other, so one slot is enough. Only weak references are held: the entry dies with the
+    input or with the compressed tensor (freed after the backward).
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, source: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        if self._entry is None:
+            return None
+        source_ref, version, entry_key, compressed_ref = self._entry
+        if source_ref() is source and version == source._version and entry_key == key:
+            return compressed_ref()
+        return None
+
+    def put(self, source: torch.Tensor, key: tuple, compressed: torch.Tensor) -> None:
+        self._entry = (weakref.ref(source), source._version, key, weakref.ref(compressed))
+
+
+_SHARED_COMPRESSION = _LastCompression()

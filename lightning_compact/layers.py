@@ -116,6 +116,10 @@ class CompActConfig:
         compress_grad: keep each converted weight's gradient compressed (``[out, rank]``,
             for :class:`~lightning_compact.optim.CompActAdamW`) instead of decompressing
             it into a full-size ``.grad``.
+        share_projection: layers with the same parent module and input size (q/k/v,
+            gate/up) use one projection per window, and when they read the very same
+            input tensor they keep one ``x·P`` between them instead of one each. Each
+            weight's gradient stays unbiased; their estimation noise becomes correlated.
     """
 
     rank: int | float
@@ -123,6 +127,7 @@ class CompActConfig:
     seed: int = 0
     exclude_modules: tuple[str, ...] = tuple(DEFAULT_EXCLUDED_MODULES)
     compress_grad: bool = False
+    share_projection: bool = False
 
     def __post_init__(self) -> None:
         resolve_rank(self.rank, in_features=1)  # validates type and range
@@ -151,6 +156,8 @@ class CompActLinear(nn.Linear):
     layer_name: str
     window: int
     compress_grad: bool
+    share_projection: bool
+    seed_name: str
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
@@ -167,6 +174,10 @@ class CompActLinear(nn.Linear):
         new.projection = config.projection
         new.base_seed = config.seed
         new.layer_name = name
+        new.share_projection = config.share_projection
+        # The seed's name key: the layer itself, or its group of siblings on one input size.
+        parent = name.rpartition(".")[0]
+        new.seed_name = f"{parent}:in={linear.in_features}" if config.share_projection else name
         new.window = 0
         new.compress_grad = False
         new.set_compress_grad(config.compress_grad)
@@ -175,7 +186,7 @@ class CompActLinear(nn.Linear):
     @property
     def seed(self) -> int:
         """The seed of the current resample window."""
-        return layer_seed(self.base_seed, self.layer_name, self.window)
+        return layer_seed(self.base_seed, self.seed_name, self.window)
 
     def set_compress_grad(self, enabled: bool) -> None:
         """Keep the weight gradient compressed (``True``) or decompress it into ``weight.grad`` (``False``)."""
@@ -215,6 +226,7 @@ class CompActLinear(nn.Linear):
                 seed=self.seed,
                 projection=self.projection,
                 grad_sink=sink,
+                share_compressed=self.share_projection,
             )
         return F.linear(input, self.weight, self.bias)
 

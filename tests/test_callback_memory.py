@@ -104,3 +104,14 @@ def test_cuda_peak_is_logged_on_gpu(tmp_path):
     monitor = PeakMemoryMonitor()
     make_trainer(tmp_path, [monitor], accelerator="gpu", max_epochs=1, max_steps=-1).fit(PlainLM(), token_loader())
     assert monitor.history[0]["memory/cuda_max_allocated_MiB"] > 0
+
+
+def test_shared_projection_saves_more_and_still_reports_the_true_baseline(tmp_path):
+    baseline = PeakMemoryMonitor()
+    _fit(tmp_path / "base", [baseline])
+    per_layer, shared = PeakMemoryMonitor(), PeakMemoryMonitor()
+    _fit(tmp_path / "per_layer", [CompActCallback(rank=0.25), per_layer])
+    _fit(tmp_path / "shared", [CompActCallback(rank=0.25, share_projection=True), shared])
+    key, base_key = "memory/saved_activations_MiB", "memory/saved_activations_uncompressed_MiB"
+    assert shared.history[0][key] < per_layer.history[0][key] < baseline.history[0][key]
+    assert shared.history[0][base_key] == baseline.history[0][key]

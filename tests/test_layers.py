@@ -134,3 +134,38 @@ def test_poolers_are_left_alone_by_default():
     report = convert_to_compact(model, rank=4)
     assert "encoder.0" in report.converted
     assert "pooler" in report.skipped["pooler.dense"]
+
+
+def test_shared_projection_groups_siblings_reading_one_input_size():
+    model = _model()
+    report = convert_to_compact(model, config=CompActConfig(rank=4, share_projection=True))
+    layer = "model.layers.0"
+    seeds = {n.rsplit(".", 1)[-1]: m.seed for n, m in report.converted.items() if n.startswith(layer + ".")}
+    assert seeds["q_proj"] == seeds["k_proj"] == seeds["v_proj"]
+    assert seeds["gate_proj"] == seeds["up_proj"]
+    assert len({seeds["q_proj"], seeds["gate_proj"], seeds["down_proj"]}) == 3
+    other_block = report.converted["model.layers.1.self_attn.q_proj"].seed
+    assert other_block != seeds["q_proj"]
+    unshared = convert_to_compact(_model(), rank=4).converted
+    assert len({unshared[f"{layer}.self_attn.{p}"].seed for p in ("q_proj", "k_proj", "v_proj")}) == 3
+
+
+def test_shared_projection_keeps_one_compressed_input_and_exact_formula():
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q, block.k = nn.Linear(32, 16, bias=False).double(), nn.Linear(32, 24, bias=False).double()
+    report = convert_to_compact(block, config=CompActConfig(rank=8, share_projection=True))
+    q, k = report.converted["q"], report.converted["k"]
+    x = torch.randn(5, 32, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = q(x).sum() + k(x).pow(2).sum()
+    compressed = [t for t in saved if t.shape == (5, 8)]
+    assert len(compressed) == 2 and compressed[0].untyped_storage().data_ptr() == compressed[1].untyped_storage().data_ptr()
+    out.backward()
+    from lightning_compact.projection import make_projection
+
+    p = make_projection(32, 8, q.seed, dtype=torch.float64)
+    for layer, grad_out in ((q, torch.ones(5, 16, dtype=torch.float64)), (k, 2 * (x @ k.weight.T).detach())):
+        expected = grad_out.T @ (x @ p) @ p.T
+        assert ((layer.weight.grad - expected).norm() / expected.norm()).item() < 1e-12

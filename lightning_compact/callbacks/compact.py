@@ -132,6 +132,10 @@ class CompActCallback(Callback):
             of a learning rate tuned for plain AdamW (the entries of ``N Pᵀ`` have the
             size of an Adam step). The paper uses 0.25 for pretraining (with lr 0.01),
             and 2 (r = 8) or 4 (r = 4) for fine-tuning.
+        share_projection: one projection for the layers of one parent module that read
+            the same input size (q/k/v, gate/up), and one stored ``x·P`` between them
+            instead of one each: less activation memory and fewer projections to build.
+            Off by default (the paper draws one projection per layer).
 
     Raises:
         MisconfigurationException: for a bad argument, an unsupported strategy, a
@@ -153,6 +157,7 @@ class CompActCallback(Callback):
         projection: str = "gaussian",
         compress_optimizer: bool | str = "auto",
         scale: float = DEFAULT_SCALE,
+        share_projection: bool = False,
     ) -> None:
         try:
             resolve_rank(rank, in_features=1)
@@ -186,6 +191,9 @@ class CompActCallback(Callback):
         self.exclude_modules = tuple(exclude_modules) if exclude_modules is not None else tuple(DEFAULT_EXCLUDED_MODULES)
         self.compress_optimizer = compress_optimizer
         self.scale = float(scale)
+        if not isinstance(share_projection, bool):
+            raise MisconfigurationException(f"CompActCallback(share_projection={share_projection!r}): must be True or False")
+        self.share_projection = share_projection
         self.report = ConversionReport()
         self._table_printed = False
         # Weights CompAct all-reduces itself under DDP (kept out of DDP's buckets).
@@ -204,7 +212,11 @@ class CompActCallback(Callback):
 
     def _config(self) -> CompActConfig:
         return CompActConfig(
-            rank=self.rank, projection=self.projection, seed=self.seed, exclude_modules=self.exclude_modules
+            rank=self.rank,
+            projection=self.projection,
+            seed=self.seed,
+            exclude_modules=self.exclude_modules,
+            share_projection=self.share_projection,
         )
 
     def _convert(self, pl_module: pl.LightningModule) -> None:
