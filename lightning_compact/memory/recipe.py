@@ -22,8 +22,6 @@ access is needed.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -148,26 +146,10 @@ def read_recipe(path: str | Path) -> RunShape:
 
 
 def llama_module() -> ModuleType:
-    """:mod:`lightning_compact.models.llama`, importable with torch alone.
+    """:mod:`lightning_compact.models.llama`; the ``models`` package imports lazily, so this needs torch alone."""
+    from lightning_compact.models import llama
 
-    The ``lightning_compact.models`` package also imports the ``transformers`` and
-    ``datasets`` adapters; where those are missing (a bare GPU box) ``llama.py``, which
-    needs only torch, is loaded from its file instead.
-    """
-    try:
-        from lightning_compact.models import llama
-
-        return llama
-    except ImportError:
-        name = "lightning_compact._standalone_llama"
-        if name in sys.modules:
-            return sys.modules[name]
-        path = Path(__file__).resolve().parent.parent / "models" / "llama.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-        spec.loader.exec_module(module)
-        return module
+    return llama
 
 
 def model_config(model: str, overrides: dict[str, Any] | None = None) -> Any:
