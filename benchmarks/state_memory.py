@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_compact import CompActAdamW, CompActConfig, compressed_grad_of, convert_to_compact
+from lightning_compact import CompActAdamW, CompActConfig, conversion_report, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -54,12 +54,14 @@ def measure(mode: str, rank: float | None) -> dict[str, float]:
     model = LlamaForCausalLM(CONFIG).train()
     converted = []
     if mode != "baseline":
-        report = convert_to_compact(model, config=CompActConfig(rank=rank, compress_grad=mode == "compressed"))
-        converted = [layer.weight for layer in report.converted.values()]
+        convert_to_compact(model, config=CompActConfig(rank=rank, grad_mode=mode))
+        layers = conversion_report(model).converted.values()
+        # A compressed layer's gradient and moments belong to its weight_delta.
+        converted = [layer.weight for layer in layers] + [l.weight_delta for l in layers if l.weight_delta is not None]
     else:
         # The weights the other runs convert, to compare like with like.
         probe = LlamaForCausalLM(CONFIG)
-        names = {f"{n}.weight" for n in convert_to_compact(probe, rank=0.25).converted}
+        names = {f"{n}.weight" for n in conversion_report(convert_to_compact(probe, rank=0.25)).converted}
         converted = [p for n, p in model.named_parameters() if n in names]
     if mode == "compressed":
         opt = CompActAdamW(model.parameters(), lr=1e-3)
@@ -72,11 +74,7 @@ def measure(mode: str, rank: float | None) -> dict[str, float]:
     loss.backward()
 
     def grads(params):
-        out = []
-        for p in params:
-            sink = compressed_grad_of(p)
-            out += [t for t in (p.grad, sink.value if sink is not None else None) if t is not None]
-        return out
+        return [p.grad for p in params if p.grad is not None]
 
     def moments(params):
         return [opt.state[p][k] for p in params if p in opt.state for k in ("exp_avg", "exp_avg_sq")]

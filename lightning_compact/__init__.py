@@ -2,21 +2,29 @@
 
 from lightning_compact.callbacks.compact import CompActCallback
 from lightning_compact.callbacks.memory import PeakMemoryMonitor
-from lightning_compact.functional import CompressedGrad, compact_linear
-from lightning_compact.layers import CompActConfig, CompActLinear, compressed_grad_of, convert_to_compact
+from lightning_compact.controller import CompAct
+from lightning_compact.functional import compact_linear
+from lightning_compact.layers import (
+    CompActConfig,
+    CompActLinear,
+    conversion_report,
+    convert_to_compact,
+    restore_linear,
+)
 from lightning_compact.optim import CompActAdamW
 from lightning_compact.projection import make_projection
 
 __all__ = [
+    "CompAct",
     "CompActAdamW",
     "CompActCallback",
     "CompActConfig",
     "CompActLinear",
-    "CompressedGrad",
     "PeakMemoryMonitor",
     "compact_linear",
-    "compressed_grad_of",
+    "conversion_report",
     "convert_to_compact",
     "make_projection",
+    "restore_linear",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,41 +1,47 @@
 """``CompActLinear`` and ``convert_to_compact``: put CompAct into an existing model.
 
 The swap follows torchao's float8 layer swap: one public verb with a module filter and
-a frozen config, a post-order walk, and a ``from_linear`` constructor that reuses the
-original ``Parameter`` objects. Reusing them keeps optimizers (built before or after
-the swap), DDP's registered parameters, and ``state_dict`` keys exactly as they were,
-so a checkpoint loads into the plain model with ``strict=True``.
+a frozen config that returns the module, a post-order walk, and a ``from_linear``
+constructor that reuses the original ``Parameter`` objects. Reusing them keeps
+optimizers (built before or after the swap), DDP's registered parameters, and
+``state_dict`` keys exactly as they were, so a checkpoint loads into the plain model
+with ``strict=True``; :func:`restore_linear` swaps the plain layers back.
 
-A layer runs in one of two gradient modes. By default (gradient decompression) its
-weight gets a full-size ``.grad`` that any optimizer can use. With ``compress_grad``
-(the paper's full method) the weight's gradient stays compressed: it is kept in a
-:class:`~lightning_compact.functional.CompressedGrad` attached to the weight Parameter
-(see :func:`compressed_grad_of`), ``weight.grad`` stays ``None``, and an optimizer that
-understands it (:class:`~lightning_compact.optim.CompActAdamW`) applies the update.
+A layer runs in one of two gradient modes (see :mod:`lightning_compact.functional`).
+``"decompressed"`` (default): the weight gets a full-size, unbiased ``.grad`` that any
+optimizer can use. ``"compressed"`` (the paper's full method): the layer owns a
+``weight_delta`` Parameter ``δ`` (``[out, rank]``, a broadcast zero) whose ``.grad`` is
+the compressed gradient ``Ĝ``; ``weight.grad`` stays ``None`` and an optimizer that
+understands ``δ`` (:class:`~lightning_compact.optim.CompActAdamW`) updates the weight.
+``δ`` never appears in ``state_dict``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compact.functional import CompressedGrad, compact_linear
-from lightning_compact.projection import PROJECTIONS, Projection, layer_seed
+from lightning_compact.functional import GRAD_MODES, compact_linear
+from lightning_compact.projection import PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
 __all__ = [
     "CompActConfig",
     "CompActLinear",
     "ConversionReport",
     "DEFAULT_EXCLUDED_MODULES",
-    "compressed_grad_of",
+    "conversion_report",
     "convert_to_compact",
+    "delta_owner",
     "matches_any",
     "resolve_rank",
+    "restore_linear",
 ]
 
 # Left uncompressed by default, with the reason shown in the conversion table.
@@ -54,14 +60,14 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "attention.output.dense": "attention output",
 }
 
+# The attribute of a weight_delta Parameter that points (weakly) at its layer.
+_OWNER_ATTR = "_compact_owner"
 
-# The attribute of a weight Parameter that holds its CompressedGrad (the analogue of ``.grad``).
-_COMPRESSED_GRAD_ATTR = "compressed_grad"
 
-
-def compressed_grad_of(param: torch.Tensor) -> CompressedGrad | None:
-    """The :class:`~lightning_compact.functional.CompressedGrad` of a weight in compressed mode, else ``None``."""
-    return getattr(param, _COMPRESSED_GRAD_ATTR, None)
+def delta_owner(param: torch.Tensor) -> CompActLinear | None:
+    """The :class:`CompActLinear` whose ``weight_delta`` is ``param``, else ``None``."""
+    ref = getattr(param, _OWNER_ATTR, None)
+    return ref() if ref is not None else None
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> str | None:
@@ -85,8 +91,9 @@ def matches_any(name: str, patterns: Iterable[str]) -> str | None:
 def resolve_rank(rank: int | float, in_features: int) -> int:
     """The one place a configured rank becomes a layer's rank.
 
-    An ``int`` is absolute; a ``float`` in (0, 1] is a fraction of the layer's own
-    ``in_features``, rounded, at least 1.
+    An ``int`` is absolute; a ``float`` in (0, 1) is a fraction of the layer's own
+    ``in_features``, rounded, at least 1. (``1.0`` is refused: it would mean r = n, which
+    compresses nothing, and reads too much like ``1``.)
     """
     if isinstance(rank, bool):
         raise TypeError("rank must be an int or a float, not a bool")
@@ -95,10 +102,10 @@ def resolve_rank(rank: int | float, in_features: int) -> int:
             raise ValueError(f"rank must be >= 1 when given as an int, got {rank}")
         return rank
     if isinstance(rank, float):
-        if not 0.0 < rank <= 1.0:
+        if not 0.0 < rank < 1.0:
             raise ValueError(
-                f"rank as a float is a fraction of each layer's in_features and must be in (0, 1], got {rank}; "
-                "pass an int for an absolute rank"
+                f"rank as a float is a fraction of each layer's in_features and must be in (0, 1), got {rank}; "
+                "pass an int for an absolute rank (rank=1 means r = 1)"
             )
         return max(1, round(rank * in_features))
     raise TypeError(f"rank must be an int or a float, got {type(rank).__name__}")
@@ -109,33 +116,58 @@ class CompActConfig:
     """How layers are converted.
 
     Attributes:
-        rank: int (absolute) or float in (0, 1] (fraction of each layer's ``in_features``).
+        rank: int (absolute) or float in (0, 1) (fraction of each layer's ``in_features``).
         projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
         seed: base seed; each layer's seed mixes it with the layer's name and the window.
-        exclude_modules: name patterns left alone (see :func:`matches_any`).
-        compress_grad: keep each converted weight's gradient compressed (``[out, rank]``,
-            for :class:`~lightning_compact.optim.CompActAdamW`) instead of decompressing
-            it into a full-size ``.grad``.
+        grad_mode: ``"decompressed"`` (full-size ``weight.grad``, any optimizer) or
+            ``"compressed"`` (``Ĝ`` in ``weight_delta.grad``, for
+            :class:`~lightning_compact.optim.CompActAdamW`).
+        exclude_modules: name patterns left alone (see :func:`matches_any`), in addition
+            to :data:`DEFAULT_EXCLUDED_MODULES` unless ``default_exclusions=False``.
+        default_exclusions: also leave output heads, poolers and attention output
+            projections alone.
         share_projection: layers with the same parent module and input size (q/k/v,
             gate/up) use one projection per window, and when they read the very same
             input tensor they keep one ``x·P`` between them instead of one each. Each
             weight's gradient stays unbiased; their estimation noise becomes correlated.
+        cache_projections: keep each window's ``P`` in memory (built once per window, not
+            in every forward and backward): ``True``, ``False``, or ``"auto"`` (kept unless
+            the first training forward shows it is larger than a quarter of the
+            activation memory the layer saves).
     """
 
     rank: int | float
     projection: Projection = "gaussian"
     seed: int = 0
-    exclude_modules: tuple[str, ...] = tuple(DEFAULT_EXCLUDED_MODULES)
-    compress_grad: bool = False
+    grad_mode: str = "decompressed"
+    exclude_modules: tuple[str, ...] = ()
+    default_exclusions: bool = True
     share_projection: bool = False
+    cache_projections: bool | str = "auto"
 
     def __post_init__(self) -> None:
-        resolve_rank(self.rank, in_features=1)  # validates type and range
+        resolve_rank(self.rank, in_features=2)  # validates type and range
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if isinstance(self.exclude_modules, str):
+            raise TypeError("exclude_modules must be a list of name patterns, not a string")
+        if self.cache_projections not in (True, False, "auto"):
+            raise ValueError(f"cache_projections must be True, False or 'auto', got {self.cache_projections!r}")
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    @property
+    def exclusions(self) -> tuple[str, ...]:
+        """Every pattern left alone: the defaults (unless switched off) and ``exclude_modules``."""
+        defaults = tuple(DEFAULT_EXCLUDED_MODULES) if self.default_exclusions else ()
+        return defaults + tuple(p for p in self.exclude_modules if p not in defaults)
+
+
+# "auto" keeps a cache unless it exceeds this fraction of the activation bytes the layer saves.
+_AUTO_CACHE_LIMIT = 0.25
 
 
 class CompActLinear(nn.Linear):
@@ -143,11 +175,10 @@ class CompActLinear(nn.Linear):
 
     Still an ``nn.Linear`` (``isinstance`` checks, ``state_dict`` keys and ``repr`` fields
     are unchanged). In eval mode or under ``torch.no_grad`` it is a plain linear layer.
-    The seed is plain Python state, not a buffer, so checkpoints are untouched.
 
-    With :attr:`compress_grad` set (see :meth:`set_compress_grad`) the weight's
-    gradient is accumulated compressed in ``weight.compressed_grad`` and
-    ``weight.grad`` stays ``None``.
+    State that is not in ``state_dict``: the resample window (:meth:`set_window`), the
+    projection's hash keys (an int32 buffer, so a compiled graph reads a new seed as
+    data), the optional projection cache, and in compressed mode ``weight_delta``.
     """
 
     rank: int
@@ -155,9 +186,13 @@ class CompActLinear(nn.Linear):
     base_seed: int
     layer_name: str
     window: int
-    compress_grad: bool
     share_projection: bool
     seed_name: str
+    cache_mode: bool | str
+    projection_keys: torch.Tensor
+    projection_cache: torch.Tensor | None
+    weight_delta: nn.Parameter | None
+    delta_materialized: bool
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
@@ -166,9 +201,7 @@ class CompActLinear(nn.Linear):
             new = cls(linear.in_features, linear.out_features, bias=False)
         new.weight = linear.weight
         new.bias = linear.bias
-        # Keep hooks users or other libraries put on the original module.
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks"):
-            getattr(new, attr).update(getattr(linear, attr))
+        _copy_hooks(linear, new)
         new.train(linear.training)
         new.rank = rank
         new.projection = config.projection
@@ -179,65 +212,198 @@ class CompActLinear(nn.Linear):
         parent = name.rpartition(".")[0]
         new.seed_name = f"{parent}:in={linear.in_features}" if config.share_projection else name
         new.window = 0
-        new.compress_grad = False
-        new.set_compress_grad(config.compress_grad)
+        new.cache_mode = config.cache_projections
+        new.register_buffer(
+            "projection_keys", torch.tensor(seed_keys(new.seed), dtype=torch.int32, device=new.weight.device),
+            persistent=False,
+        )
+        new.register_buffer("projection_cache", None, persistent=False)
+        new.register_parameter("weight_delta", None)
+        new.delta_materialized = False
+        new.set_grad_mode(config.grad_mode)
+        if config.cache_projections is not False:
+            new.refresh_projection_cache()
         return new
+
+    # -- projection ---------------------------------------------------------------------
 
     @property
     def seed(self) -> int:
         """The seed of the current resample window."""
         return layer_seed(self.base_seed, self.seed_name, self.window)
 
-    def set_compress_grad(self, enabled: bool) -> None:
-        """Keep the weight gradient compressed (``True``) or decompress it into ``weight.grad`` (``False``)."""
-        if enabled:
-            self._grad_sink()
-        elif self.compress_grad:
-            sink = compressed_grad_of(self.weight)
-            if sink is not None and sink.value is not None:
-                raise RuntimeError(f"{self.layer_name}: a compressed gradient is pending; step or zero it first")
-            if sink is not None:
-                delattr(self.weight, _COMPRESSED_GRAD_ATTR)
-        self.compress_grad = bool(enabled)
+    def set_window(self, window: int, base_seed: int | None = None) -> None:
+        """Use the projection of resample window ``window`` (and ``base_seed``, if given)."""
+        if base_seed is not None:
+            self.base_seed = base_seed
+        if window == self.window and base_seed is None:
+            return
+        self.window = window
+        self.projection_keys.copy_(torch.tensor(seed_keys(self.seed), dtype=torch.int32))
+        if self.projection_cache is not None:
+            self.refresh_projection_cache()
 
-    def _grad_sink(self) -> CompressedGrad:
-        sink = compressed_grad_of(self.weight)
-        if sink is None or sink.rank != self.rank:
-            # Created on first use too: a deep copy of the model keeps the layer but not the
-            # attributes of its Parameters.
-            sink = CompressedGrad(self.in_features, self.rank, self.projection)
-            setattr(self.weight, _COMPRESSED_GRAD_ATTR, sink)
-        return sink
+    def projection_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The current window's ``P`` (``[in_features, rank]``): the cache, or built from the keys."""
+        dtype = dtype if dtype is not None else self.weight.dtype
+        if self.projection_cache is not None:
+            return self.projection_cache if self.projection_cache.dtype == dtype else self.projection_cache.to(dtype)
+        return build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
+
+    def refresh_projection_cache(self, dtype: torch.dtype | None = None) -> None:
+        """Build the current window's ``P`` into the cache (in place, so compiled graphs and siblings sharing it follow)."""
+        dtype = dtype if dtype is not None else (
+            self.projection_cache.dtype if self.projection_cache is not None else self.weight.dtype
+        )
+        fresh = build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
+        if self.projection_cache is not None and self.projection_cache.dtype == dtype:
+            self.projection_cache.copy_(fresh)
+        else:
+            self.projection_cache = fresh
+
+    def drop_projection_cache(self) -> None:
+        """Stop caching ``P``: it is rebuilt in every forward (and decompressing backward)."""
+        self.projection_cache = None
+        self.cache_mode = False
 
     @property
-    def compressed_grad(self) -> torch.Tensor | None:
-        """The weight's accumulated compressed gradient ``Ĝ`` (``[out_features, rank]``), if any."""
-        sink = compressed_grad_of(self.weight)
-        return None if sink is None else sink.value
+    def projection_cache_bytes(self) -> int:
+        """Bytes held by this layer's projection cache (shared caches count once per owner)."""
+        cache = self.projection_cache
+        return 0 if cache is None else cache.numel() * cache.element_size()
+
+    # -- gradient mode ------------------------------------------------------------------
+
+    @property
+    def grad_mode(self) -> str:
+        """``"compressed"`` (``Ĝ`` in ``weight_delta.grad``) or ``"decompressed"`` (full ``weight.grad``)."""
+        return "compressed" if self.weight_delta is not None else "decompressed"
+
+    def set_grad_mode(self, mode: str, *, materialize: bool = False) -> None:
+        """Switch the gradient mode.
+
+        Args:
+            mode: ``"compressed"`` or ``"decompressed"``.
+            materialize: in compressed mode, give ``weight_delta`` real (zero) storage
+                instead of a broadcast zero: collectives that write into every
+                parameter (DDP's start-up broadcast) need it; costs ``out × rank`` elements.
+        """
+        if mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {mode!r}")
+        if mode == "decompressed":
+            if self.weight_delta is not None and self.weight_delta.grad is not None:
+                raise RuntimeError(f"{self.layer_name}: a compressed gradient is pending; step or zero it first")
+            self.weight_delta = None
+            return
+        if self.weight_delta is None or materialize != self.delta_materialized:
+            self.delta_materialized = materialize
+            self.weight_delta = nn.Parameter(self._delta_storage(materialize), requires_grad=self.weight.requires_grad)
+            self._link_delta()
+
+    def _delta_storage(self, materialize: bool) -> torch.Tensor:
+        shape = (self.out_features, self.rank)
+        like = dict(dtype=self.weight.dtype, device=self.weight.device)
+        return torch.zeros(shape, **like) if materialize else torch.zeros((), **like).expand(shape)
+
+    def _normalize_delta(self) -> None:
+        # Conversions (.to, .half) and deepcopy densify a broadcast zero: make it one again,
+        # in place (the Parameter object stays, so optimizers keep it), and re-link it.
+        delta = self.weight_delta
+        if delta is None:
+            return
+        if not self.delta_materialized and delta.stride() != (0, 0):
+            delta.data = torch.zeros((), dtype=delta.dtype, device=delta.device).expand(delta.shape)
+        setattr(delta, _OWNER_ATTR, weakref.ref(self))
+
+    def _link_delta(self) -> None:
+        if self.weight_delta is not None:
+            setattr(self.weight_delta, _OWNER_ATTR, weakref.ref(self))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompActLinear:
+        super()._apply(fn, recurse)
+        self._normalize_delta()
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._normalize_delta()  # deepcopy and pickle make a new weight_delta, dense and unlinked
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # weight_delta is always zero and not part of the model: keep checkpoints plain.
+        delta, self._parameters["weight_delta"] = self._parameters.get("weight_delta"), None
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters["weight_delta"] = delta
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight_delta" in missing_keys:
+            missing_keys.remove(prefix + "weight_delta")
+
+    # -- forward ------------------------------------------------------------------------
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            sink = self._grad_sink() if self.compress_grad and self.weight.requires_grad else None
-            return compact_linear(
-                input,
-                self.weight,
-                self.bias,
-                rank=self.rank,
-                seed=self.seed,
-                projection=self.projection,
-                grad_sink=sink,
-                share_compressed=self.share_projection,
-            )
-        return F.linear(input, self.weight, self.bias)
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(input, self.weight, self.bias)
+        if self.cache_mode == "auto" and not torch.compiler.is_compiling():
+            self._decide_cache(input)
+        return compact_linear(
+            input,
+            self.weight,
+            self.bias,
+            rank=self.rank,
+            seed=self.projection_keys,
+            proj=self.projection_cache,
+            projection=self.projection,
+            weight_delta=self.weight_delta,
+            share_compressed=self.share_projection,
+        )
+
+    def _decide_cache(self, input: torch.Tensor) -> None:
+        # Once, at the first training forward: a cache much smaller than the activations it
+        # saves is kept (one P per window instead of one per forward and backward).
+        tokens = input.numel() // self.in_features
+        saved = tokens * (self.in_features - self.rank) * input.element_size()
+        if self.projection_cache is not None and self.projection_cache_bytes > _AUTO_CACHE_LIMIT * saved:
+            self.projection_cache = None
+            self.cache_mode = False
+        else:
+            self.cache_mode = self.projection_cache is not None
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's very Parameters and hooks (``weight_delta`` dropped)."""
+        with torch.device("meta"):
+            plain = nn.Linear(self.in_features, self.out_features, bias=False)
+        plain.weight = self.weight
+        plain.bias = self.bias
+        _copy_hooks(self, plain)
+        plain.train(self.training)
+        return plain
 
     def extra_repr(self) -> str:
-        mode = ", compress_grad=True" if self.compress_grad else ""
+        mode = ", grad_mode=compressed" if self.weight_delta is not None else ""
         return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}{mode}"
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    # Hooks users or other libraries put on the module (and their with_kwargs flags) survive the swap.
+    for attr in _HOOK_DICTS:
+        if hasattr(source, attr) and hasattr(target, attr):
+            getattr(target, attr).update(getattr(source, attr))
 
 
 @dataclasses.dataclass
 class ConversionReport:
-    """Which linear layers were converted (with their rank) and which were skipped (with why)."""
+    """Which linear layers were converted (with their rank) and which were skipped (with why).
+
+    ``shapes`` holds ``(in_features, out_features)`` of every linear layer met.
+    """
 
     converted: dict[str, CompActLinear] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -250,13 +416,29 @@ class ConversionReport:
 
 
 def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig) -> str | None:
-    excluded_by = matches_any(name, config.exclude_modules)
+    excluded_by = matches_any(name, config.exclusions)
     if excluded_by is not None:
-        why = DEFAULT_EXCLUDED_MODULES.get(excluded_by, "excluded")
+        why = DEFAULT_EXCLUDED_MODULES.get(excluded_by, "excluded") if config.default_exclusions else "excluded"
         return f"{why} ({excluded_by!r})"
+    if torch.nn.utils.parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
+        return "weight is computed (parametrization or weight_norm): not a Parameter to reuse"
     if rank >= module.in_features:
         return f"rank {rank} >= in_features {module.in_features}"
     return None
+
+
+def _settings_of(layer: CompActLinear) -> dict[str, Any]:
+    # Neither the gradient mode (set_grad_mode) nor the seed (set_window) is among them:
+    # both change on a converted layer without converting it again.
+    return dict(rank=layer.rank, projection=layer.projection, share_projection=layer.share_projection)
+
+
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, ConversionReport] = weakref.WeakKeyDictionary()
+
+
+def conversion_report(module: nn.Module) -> ConversionReport:
+    """What the last :func:`convert_to_compact` of ``module`` converted and skipped (empty if none)."""
+    return _REPORTS.get(module, ConversionReport())
 
 
 def convert_to_compact(
@@ -265,23 +447,31 @@ def convert_to_compact(
     rank: int | float | None = None,
     config: CompActConfig | None = None,
     module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-) -> ConversionReport:
-    """Swap ``module``'s ``nn.Linear`` layers for :class:`CompActLinear`, in place.
+) -> nn.Module:
+    """Swap ``module``'s ``nn.Linear`` layers for :class:`CompActLinear`, in place, and return ``module``.
 
     Args:
         module: the model (or any submodule tree).
         rank: shorthand for ``config=CompActConfig(rank=rank)``.
-        config: projection, base seed and exclusions; see :class:`CompActConfig`.
+        config: rank, projection, base seed, gradient mode and exclusions; see :class:`CompActConfig`.
         module_filter_fn: ``fn(linear, fully_qualified_name) -> bool``; only layers it
             accepts are converted (and those also pass the exclusions).
 
     Returns:
-        A :class:`ConversionReport`. Layers already converted are left as they are and
-        listed again, so calling this twice (e.g. after ``configure_model``) is safe.
+        ``module`` itself. :func:`conversion_report` tells which layer got which rank and
+        why others were skipped. Layers already converted with the same settings are left
+        as they are (gradient mode included) and listed again, so calling this twice
+        (e.g. after ``configure_model``) is safe.
+
+    Raises:
+        ValueError: a layer is already converted with other settings (call
+            :func:`restore_linear` first).
     """
     if (rank is None) == (config is None):
         raise ValueError("pass exactly one of rank=... or config=CompActConfig(...)")
     config = config if config is not None else CompActConfig(rank=rank)
+    if isinstance(module, nn.Linear) and not isinstance(module, CompActLinear):
+        raise TypeError("convert_to_compact swaps layers inside a module; wrap a bare nn.Linear in a container first")
     report = ConversionReport()
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -293,6 +483,15 @@ def convert_to_compact(
                 continue
             report.shapes[name] = (child.in_features, child.out_features)
             if isinstance(child, CompActLinear):
+                wanted = dict(rank=resolve_rank(config.rank, child.in_features), projection=config.projection,
+                              share_projection=config.share_projection)
+                have = _settings_of(child)
+                if have != wanted:
+                    diff = ", ".join(f"{k}={have[k]!r} (asked {wanted[k]!r})" for k in have if have[k] != wanted[k])
+                    raise ValueError(
+                        f"{name} is already converted with other settings: {diff}. Call "
+                        "lightning_compact.restore_linear(model) first, or convert with the same settings."
+                    )
                 report.converted[name] = child
                 continue
             if module_filter_fn is not None and not module_filter_fn(child, name):
@@ -307,7 +506,33 @@ def convert_to_compact(
             setattr(parent, child_name, new)
             report.converted[name] = new
 
-    if isinstance(module, nn.Linear) and not isinstance(module, CompActLinear):
-        raise TypeError("convert_to_compact swaps layers inside a module; wrap a bare nn.Linear in a container first")
     visit(module, "")
-    return report
+    if config.share_projection:
+        _share_projection_state(report.converted.values())
+    _REPORTS[module] = report
+    return module
+
+
+def _share_projection_state(layers: Iterable[CompActLinear]) -> None:
+    # Siblings on one seed name hold the very same key and cache tensors: one P is built
+    # per window for all of them, and compact_linear recognises it to share x·P.
+    first: dict[tuple, CompActLinear] = {}
+    for layer in layers:
+        key = (layer.seed_name, layer.rank, layer.projection)
+        leader = first.setdefault(key, layer)
+        if leader is not layer:
+            layer.projection_keys = leader.projection_keys
+            layer.projection_cache = leader.projection_cache
+
+
+def restore_linear(module: nn.Module) -> nn.Module:
+    """Swap every :class:`CompActLinear` in ``module`` back to a plain ``nn.Linear`` (same Parameters), in place.
+
+    Any pending compressed gradient is dropped with its ``weight_delta``. Returns ``module``.
+    """
+    for name, child in list(module.named_modules()):
+        for child_name, grandchild in list(child.named_children()):
+            if isinstance(grandchild, CompActLinear):
+                setattr(child, child_name, grandchild.to_linear())
+    _REPORTS.pop(module, None)
+    return module

@@ -1,23 +1,30 @@
 """``CompActAdamW``: AdamW whose moments live in CompAct's compressed gradient space.
 
-For a weight in compressed-gradient mode (``nn.Linear`` layout ``W: [m, n]``, see
-:meth:`~lightning_compact.layers.CompActLinear.set_compress_grad`) the gradient is
-``Ĝ = G P`` (``[m, r]``, kept in ``weight.compressed_grad``), and so are both moments::
+For a layer in compressed gradient mode (``nn.Linear`` layout ``W: [m, n]``, see
+:meth:`~lightning_compact.layers.CompActLinear.set_grad_mode`) the compressed gradient
+``Ĝ = G P`` (``[m, r]``) is the ordinary ``.grad`` of the layer's ``weight_delta``
+Parameter ``δ``, and both moments have ``δ``'s shape::
 
     M ← β₁ M + (1 − β₁) Ĝ            V ← β₂ V + (1 − β₂) Ĝ²
     N = M̂ / (√V̂ + ε)                  (M̂, V̂: bias-corrected)
     W ← W (1 − lr·λ) − lr·α · N Pᵀ     (λ: weight decay, applied to the full W)
 
-with ``P`` rebuilt from the seed the gradient was computed with. The decompression
-``N Pᵀ`` is fused into the in-place update (``addmm_``), so no ``[m, n]`` gradient or
-moment ever exists. When the projection is resampled the moments are carried over as
-they are (the paper does the same). Every other parameter gets plain AdamW.
+with the layer's current ``P``. The decompression ``N Pᵀ`` is fused into the in-place
+update (``addmm_``), so no ``[m, n]`` gradient or moment ever exists; ``δ`` itself stays
+zero. The hyperparameters are those of ``δ``'s parameter group. When the projection is
+resampled the moments are carried over as they are (the paper does the same). Every
+other parameter gets plain AdamW.
+
+Because ``Ĝ`` is a ``.grad``, torch's ``clip_grad_norm_`` (and Lightning's clipping)
+already count it: ``E‖G P‖² = ‖G‖²``, so a threshold tuned without CompAct keeps its
+meaning (the decompressed ``‖Ĝ Pᵀ‖`` would carry ~``(n+1)/r`` times more energy).
 
 The state is only tensors and numbers (``step``, ``exp_avg``, ``exp_avg_sq`` per
 parameter; ``scale`` per group), so checkpoints load with ``torch.load(weights_only=True)``.
 
-This module knows nothing of Lightning; the callback uses :meth:`CompActAdamW.from_optimizer`
-and :func:`rebind_lr_scheduler` to swap it in for a user's Adam/AdamW.
+This module knows nothing of Lightning; :class:`~lightning_compact.controller.CompAct`
+uses :meth:`CompActAdamW.from_optimizer` and :func:`rebind_lr_scheduler` to swap it in
+for a user's Adam/AdamW.
 """
 
 from __future__ import annotations
@@ -30,17 +37,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_compact.functional import CompressedGrad
-from lightning_compact.layers import compressed_grad_of
+from lightning_compact.layers import CompActLinear, delta_owner
 
-__all__ = [
-    "DEFAULT_SCALE",
-    "CompActAdamW",
-    "clip_grad_norm_",
-    "clip_grad_value_",
-    "rebind_lr_scheduler",
-    "unsupported_reason",
-]
+__all__ = ["DEFAULT_SCALE", "CompActAdamW", "rebind_lr_scheduler", "unsupported_reason"]
 
 # α, the scale of the decompressed update. With P ~ N(0, 1/r) the entries of N Pᵀ have
 # the magnitude of a full-rank Adam step, so α = 1 keeps the meaning of a learning rate
@@ -53,68 +52,14 @@ DEFAULT_SCALE: float = 1.0
 _TORCH_ONLY_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
-def _tensors_with_grad(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Every gradient the parameters hold: ``.grad`` and compressed ``Ĝ`` alike."""
-    grads = []
-    for p in params:
-        if p.grad is not None:
-            grads.append(p.grad)
-        sink = compressed_grad_of(p)
-        if sink is not None and sink.value is not None:
-            grads.append(sink.value)
-    return grads
-
-
-@torch.no_grad()
-def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor] | torch.Tensor,
-    max_norm: float,
-    norm_type: float = 2.0,
-    error_if_nonfinite: bool = False,
-) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` that also counts and scales compressed gradients.
-
-    The norm is taken over every ``.grad`` and every compressed ``Ĝ`` (not its
-    decompression ``Ĝ Pᵀ``): ``Ĝ`` is what the optimizer consumes, and since
-    ``E[P Pᵀ] = I`` its squared norm is an unbiased estimate of the true gradient's,
-    ``E‖G P‖² = ‖G‖²``, so a threshold tuned without CompAct keeps its meaning. The
-    decompressed gradient's norm would be inflated by the projection noise,
-    ``E‖G P Pᵀ‖² ≈ (1 + (n+1)/r)·‖G‖²``, and clip far more often.
-
-    Returns:
-        The total norm before clipping (a 0-d tensor).
-    """
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = _tensors_with_grad(params)
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
-    # Same coefficient as torch's: no division by zero, never scaled up.
-    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.device))
-    return total
-
-
-@torch.no_grad()
-def clip_grad_value_(parameters: Iterable[torch.Tensor] | torch.Tensor, clip_value: float) -> None:
-    """Clamp every ``.grad`` and compressed ``Ĝ`` to ``[-clip_value, clip_value]``.
-
-    For a compressed weight this bounds the entries of ``Ĝ``, not of the full gradient
-    (the two differ: an entry of ``Ĝ`` mixes ``n`` entries of ``G``).
-    """
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    for g in _tensors_with_grad(params):
-        g.clamp_(-clip_value, clip_value)
-
-
 class CompActAdamW(Optimizer):
     """AdamW with compressed moments for weights in compressed-gradient mode.
 
-    Parameters whose weight carries a compressed gradient (set up by
-    :class:`~lightning_compact.layers.CompActLinear` in ``compress_grad`` mode) keep
-    ``exp_avg``/``exp_avg_sq`` of shape ``[out_features, rank]`` and are updated with
-    ``W ← W(1 − lr·λ) − lr·α·N Pᵀ``; all others follow ``torch.optim.AdamW`` exactly
+    The ``weight_delta`` of a :class:`~lightning_compact.layers.CompActLinear` in
+    compressed mode keeps ``exp_avg``/``exp_avg_sq`` of shape ``[out_features, rank]``,
+    and its layer's weight is updated with ``W ← W(1 − lr·λ) − lr·α·N Pᵀ`` (the weight
+    itself may be in the optimizer too: it has no ``.grad`` and is skipped). All other
+    parameters follow ``torch.optim.AdamW`` exactly
     (same operations in the same order). Works with any LR scheduler; ``lr``, ``betas``,
     ``eps``, ``weight_decay`` and ``scale`` can differ per parameter group.
 
@@ -131,8 +76,8 @@ class CompActAdamW(Optimizer):
 
     Example::
 
-        convert_to_compact(model, config=CompActConfig(rank=0.25, compress_grad=True))
-        opt = CompActAdamW(model.parameters(), lr=1e-3)
+        convert_to_compact(model, config=CompActConfig(rank=0.25, grad_mode="compressed"))
+        opt = CompActAdamW(model.parameters(), lr=1e-3)  # model.parameters() holds each δ
     """
 
     def __init__(
@@ -159,11 +104,16 @@ class CompActAdamW(Optimizer):
         super().__init__(params, defaults)
 
     @classmethod
-    def from_optimizer(cls, optimizer: Optimizer, *, scale: float = DEFAULT_SCALE) -> CompActAdamW:
+    def from_optimizer(
+        cls, optimizer: Optimizer, *, scale: float = DEFAULT_SCALE, layers: Iterable[CompActLinear] = ()
+    ) -> CompActAdamW:
         """A ``CompActAdamW`` with ``optimizer``'s parameter groups and hyperparameters.
 
         Group entries other than torch's Adam flags (e.g. a scheduler's ``initial_lr``,
-        or user keys) are carried over; groups without a ``scale`` get ``scale``.
+        or user keys) are carried over; groups without a ``scale`` get ``scale``. The
+        ``weight_delta`` of each of ``layers`` in compressed mode whose weight is in a
+        group and whose ``δ`` is in none (it was made after the optimizer) joins the
+        weight's group.
 
         Raises:
             ValueError: when ``optimizer`` has no compressed counterpart (see
@@ -172,10 +122,17 @@ class CompActAdamW(Optimizer):
         reason = unsupported_reason(optimizer)
         if reason is not None:
             raise ValueError(reason)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        deltas = {id(layer.weight): layer.weight_delta for layer in layers if layer.weight_delta is not None}
         groups = []
         for group in optimizer.param_groups:
             group = {k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS}
             group["params"] = list(group["params"])
+            for p in list(group["params"]):
+                delta = deltas.get(id(p))
+                if delta is not None and id(delta) not in held:
+                    group["params"].append(delta)
+                    held.add(id(delta))
             group.setdefault("scale", float(scale))
             groups.append(group)
         d = optimizer.defaults
@@ -183,47 +140,38 @@ class CompActAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step; compressed weights are updated from their compressed gradient."""
+        """One AdamW step; compressed layers' weights are updated from their ``δ.grad``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, sinks = [], [], []
+            params, grads, targets, layers = [], [], [], []
             for p in group["params"]:
-                sink = compressed_grad_of(p)
-                if sink is not None and sink.value is not None:
-                    if p.grad is not None:
-                        raise RuntimeError(
-                            "a compressed weight also received a full-size .grad (is it used outside its "
-                            "CompActLinear, e.g. tied to another layer?); exclude that layer from CompAct"
-                        )
-                    grad, compressed_by = sink.value, sink
-                elif p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("CompActAdamW does not support sparse gradients")
-                    grad, compressed_by = p.grad, None
-                else:
+                if p.grad is None:
                     continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("CompActAdamW does not support sparse gradients")
+                layer = delta_owner(p)
+                if layer is not None and layer.weight.grad is not None:
+                    raise RuntimeError(
+                        f"{layer.layer_name}: its weight received a full-size .grad besides the compressed one (is it "
+                        "used outside its CompActLinear, e.g. tied to an embedding?); exclude that layer from CompAct"
+                    )
                 params.append(p)
-                grads.append(grad)
-                sinks.append(compressed_by)
+                grads.append(p.grad)
+                targets.append(layer.weight if layer is not None else p)
+                layers.append(layer)
             if params:
-                self._update_group(group, params, grads, sinks)
+                self._update_group(group, params, grads, targets, layers)
         return loss
 
-    def _state_for(self, p: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]:
+    def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        if state["exp_avg"].shape != grad.shape:
-            raise RuntimeError(
-                f"optimizer moments of shape {tuple(state['exp_avg'].shape)} meet a gradient of shape "
-                f"{tuple(grad.shape)}: the parameter switched between compressed and full-size gradients, "
-                "or its rank changed"
-            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
 
     def _update_group(
@@ -231,14 +179,15 @@ class CompActAdamW(Optimizer):
         group: dict[str, Any],
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
-        sinks: list[CompressedGrad | None],
+        targets: list[torch.Tensor],
+        layers: list[CompActLinear | None],
     ) -> None:
         # Multi-tensor (foreach) kernels: one launch per operation for the whole group, not
         # one per parameter, since small per-parameter launches made the step host-bound.
         # Each operation and its order are those of torch's single-tensor AdamW, so
         # uncompressed parameters get bit-identical results.
         lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
-        states = [self._state_for(p, g) for p, g in zip(params, grads)]
+        states = [self._state_for(p) for p in params]
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         steps = []
@@ -246,7 +195,7 @@ class CompActAdamW(Optimizer):
             st["step"] += 1
             steps.append(st["step"].item())
         if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_mul_(targets, 1 - lr * weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -255,57 +204,34 @@ class CompActAdamW(Optimizer):
         torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
         torch._foreach_add_(denoms, eps)
 
-        full = [i for i, sink in enumerate(sinks) if sink is None]
+        full = [i for i, layer in enumerate(layers) if layer is None]
         if full:
             torch._foreach_addcdiv_(
-                [params[i] for i in full],
+                [targets[i] for i in full],
                 [exp_avgs[i] for i in full],
                 [denoms[i] for i in full],
                 [-step_sizes[i] for i in full],
             )
-        compressed = [i for i, sink in enumerate(sinks) if sink is not None]
+        compressed = [i for i, layer in enumerate(layers) if layer is not None]
         if compressed:
             updates = torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed])
             for i, update in zip(compressed, updates):
-                p = params[i]
-                proj = sinks[i].projection_matrix(device=p.device, dtype=p.dtype)  # [n, r], the gradient's own P
+                w = targets[i]
+                proj = layers[i].projection_matrix(dtype=w.dtype)  # [n, r], the P the gradient was made with
                 # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
-                p.addmm_(update, proj.t(), alpha=-step_sizes[i] * group["scale"])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero (or free) every ``.grad`` and every compressed gradient."""
-        super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                sink = compressed_grad_of(p)
-                if sink is not None:
-                    sink.zero_(set_to_none=set_to_none)
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip all this optimizer's gradients, compressed ones included, by their joint norm.
-
-        See :func:`clip_grad_norm_` for which norm is used and why.
-        """
-        return clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
-
-    def clip_grad_value_(self, clip_value: float) -> None:
-        """Clamp all this optimizer's gradients, compressed ones included (see :func:`clip_grad_value_`)."""
-        clip_grad_value_([p for g in self.param_groups for p in g["params"]], clip_value)
+                w.addmm_(update.to(w.dtype), proj.t(), alpha=-step_sizes[i] * group["scale"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then check that each moment has the shape this parameter's gradient mode needs."""
+        """Load, then check that each moment has its parameter's shape (same mode and rank as when saved)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
                 moments = self.state.get(p, {}).get("exp_avg")
-                if moments is None:
-                    continue
-                sink = compressed_grad_of(p)
-                expected = (p.shape[0], sink.rank) if sink is not None else tuple(p.shape)
-                if tuple(moments.shape) != expected:
+                if moments is not None and moments.shape != p.shape:
                     raise ValueError(
                         f"The checkpoint's optimizer moments have shape {tuple(moments.shape)} where this run needs "
-                        f"{expected}: it was saved with another CompAct mode or rank. Resume with the same settings."
+                        f"{tuple(p.shape)}: it was saved with another CompAct gradient mode or rank. Resume with the "
+                        "same settings."
                     )
 
 

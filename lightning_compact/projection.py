@@ -23,7 +23,15 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PROJECTIONS", "Projection", "make_projection", "layer_seed", "window_for_step"]
+__all__ = [
+    "PROJECTIONS",
+    "Projection",
+    "build_projection",
+    "layer_seed",
+    "make_projection",
+    "seed_keys",
+    "window_for_step",
+]
 
 Projection = Literal["gaussian", "rademacher"]
 PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -65,20 +73,21 @@ def _splitmix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def _hash_bits(numel: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
-    """``numel`` pseudo-random 32-bit words (int32) for the keys: two hash rounds over a counter."""
-    h = torch.arange(numel, device=device, dtype=torch.int32)
-    h ^= k0
+def _hash_bits(numel: int, keys: torch.Tensor) -> torch.Tensor:
+    """``numel`` pseudo-random 32-bit words (int32) for ``keys`` (int32 ``[2]``): two hash rounds over a counter."""
+    h = torch.arange(numel, device=keys.device, dtype=torch.int32)
+    h ^= keys[0]
     _mix32_(h)
-    h += k1  # wraps
+    h += keys[1]  # wraps
     return _mix32_(h)
 
 
-def _build(in_features: int, rank: int, k0: int, k1: int, gaussian: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # The scale is derived here from the (symbolic, when compiled) rank: a float argument
-    # would be specialised by torch.compile and recompile for every rank.
+def _build(in_features: int, rank: int, keys: torch.Tensor, gaussian: bool, dtype: torch.dtype) -> torch.Tensor:
+    # The keys are a tensor, not Python ints, so a compiled graph reads them as data: a
+    # new seed or window never recompiles. The scale is derived here from the (symbolic,
+    # when compiled) rank: a float argument would be specialised for every rank.
     scale = rank**-0.5
-    bits = _hash_bits(in_features * rank, k0, k1, device)
+    bits = _hash_bits(in_features * rank, keys)
     if not gaussian:
         signs = (bits >> 31) | 1  # the sign bit as -1 or +1
         return (signs.to(dtype) * scale).view(in_features, rank)
@@ -101,6 +110,8 @@ _compiled_build = None
 
 def _builder(device: torch.device):
     global _compiled_build
+    if torch.compiler.is_compiling():
+        return _build  # traced into the caller's graph (a nested compiled function would break it)
     wanted = _COMPILE_SETTING in ("1", "true") or (_COMPILE_SETTING == "auto" and device.type == "cuda")
     if not wanted or _compiled_build is False:
         return _build
@@ -131,7 +142,6 @@ def make_projection(
             ``dtype`` is float64, else in float32, then cast. Each entry carries 24
             random bits (Gaussian tails reach ±5.3σ).
     """
-    global _compiled_build
     if in_features < 1 or rank < 1:
         raise ValueError(f"in_features and rank must be positive, got {in_features} and {rank}")
     if projection not in PROJECTIONS:
@@ -139,16 +149,38 @@ def make_projection(
     if in_features * rank > _MAX_ENTRIES:
         raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {in_features} x {rank}")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    keys = torch.tensor(seed_keys(seed), dtype=torch.int32, device=device)
+    return build_projection(in_features, rank, keys, projection=projection, dtype=dtype)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """The two int32 hash keys of ``seed`` (what :func:`build_projection` takes as a tensor)."""
     key = _splitmix64(seed & _MASK64)
-    args = (in_features, rank, _signed32(key & 0xFFFFFFFF), _signed32(key >> 32))
-    build = _builder(device)
+    return _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
+
+
+def build_projection(
+    in_features: int,
+    rank: int,
+    keys: torch.Tensor,
+    *,
+    projection: Projection = "gaussian",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`make_projection` from the keys of a seed held in a tensor (int32 ``[2]``, see :func:`seed_keys`).
+
+    The projection is built on ``keys.device``. Traceable by ``torch.compile``: a
+    layer keeps its keys in a buffer, so a new seed reaches a compiled graph as data.
+    """
+    global _compiled_build
+    build = _builder(keys.device)
     if build is not _build:
         try:
-            return build(*args, projection == "gaussian", dtype, device)
+            return build(in_features, rank, keys, projection == "gaussian", dtype)
         except Exception as err:  # a backend without a working compiler: stay correct, just slower
             warnings.warn(f"lightning_compact: compiling the projection failed ({err!r}); using eager ops", stacklevel=2)
             _compiled_build = False
-    return _build(*args, projection == "gaussian", dtype, device)
+    return _build(in_features, rank, keys, projection == "gaussian", dtype)
 
 
 def layer_seed(base_seed: int, layer_name: str, window: int) -> int:

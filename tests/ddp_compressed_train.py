@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import PlainLM, token_loader  # noqa: E402
 
-import lightning_compact.callbacks.compact as compact_module  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
+
 from lightning_compact import CompActCallback  # noqa: E402
 
 # Shared with test_ddp_compressed.py: the single-process run on the global batch uses them too.
@@ -47,16 +49,21 @@ def main(out_dir: Path, optimizer: str) -> None:
     torch.manual_seed(rank)
     module = PlainLM(optimizer=optimizer)
 
-    # Count what CompAct's own all-reduce sends.
-    sent = []
-    reduce = compact_module.all_reduce_gradients
-    compact_module.all_reduce_gradients = lambda params: sent.append(reduce(params)) or sent[-1]
-
     cb, recorder = CompActCallback(rank=4, update_proj_gap=2), DDPIgnoreRecorder()
+
+    # Count the elements of compressed gradients that DDP's reducer sends, per step.
+    sent: dict[int, int] = {}
+
+    def counting_hook(state, bucket):
+        deltas = {id(layer.weight_delta) for layer in cb.layers.values()}
+        step = trainer.global_step
+        sent[step] = sent.get(step, 0) + sum(p.numel() for p in bucket.parameters() if id(p) in deltas)
+        return allreduce_hook(state, bucket)
+
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp",
+        strategy=DDPStrategy(ddp_comm_hook=counting_hook),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -69,7 +76,7 @@ def main(out_dir: Path, optimizer: str) -> None:
     torch.save(
         {
             "state": module.state_dict(),
-            "sent": sent,
+            "sent": [sent.get(step, 0) for step in range(SETTINGS["max_steps"])],
             "compressed_numel": sum(layer.rank * layer.out_features for layer in cb.layers.values()),
             "full_numel": sum(layer.weight.numel() for layer in cb.layers.values()),
             "ignored_by_ddp": recorder.ignored,

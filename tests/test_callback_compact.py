@@ -16,14 +16,24 @@ def test_plain_lightning_module_trains_with_the_callback(tmp_path, caplog):
     module = PlainLM()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     cb = CompActCallback(rank=0.25)
-    make_trainer(tmp_path, [cb], max_steps=3).fit(module, token_loader())
-    up = module.model.model.layers[0].mlp.up_proj
-    assert isinstance(up, CompActLinear) and up.rank == 8
-    assert not isinstance(module.model.lm_head, CompActLinear)
+    seen = LayerTypes()
+    make_trainer(tmp_path, [cb, seen], max_steps=3).fit(module, token_loader())
+    assert seen.types["model.model.layers.0.mlp.up_proj"] is CompActLinear
+    assert seen.types["model.lm_head"] is torch.nn.Linear
+    assert cb.layers["model.model.layers.0.mlp.up_proj"].rank == 8
+    # The module leaves fit as it came: plain nn.Linear layers.
+    assert type(module.model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     for name, p in module.named_parameters():
         assert not torch.equal(p, before[name]), name
     table = caplog.text
     assert "model.model.layers.0.mlp.up_proj" in table and "skipped: output head" in table
+
+
+class LayerTypes(pl.Callback):
+    """The type of every linear layer during training."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.types = {n: type(m) for n, m in pl_module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 class SeedRecorder(pl.Callback):
@@ -124,8 +134,9 @@ class LateModule(PlainLM):
 
 def test_layers_made_in_configure_model_are_converted(tmp_path):
     module = LateModule()
-    make_trainer(tmp_path, [CompActCallback(rank=4)], max_steps=1).fit(module, token_loader())
-    assert isinstance(module.model.model.layers[1].self_attn.v_proj, CompActLinear)
+    cb = CompActCallback(rank=4)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(module, token_loader())
+    assert "model.model.layers.1.self_attn.v_proj" in cb.compressed_layers
 
 
 @pytest.mark.parametrize(
@@ -133,7 +144,11 @@ def test_layers_made_in_configure_model_are_converted(tmp_path):
     [
         (dict(rank=0), "rank"),
         (dict(rank=-1), "rank"),
-        (dict(rank=1.5), r"\(0, 1\]"),
+        (dict(rank=1.5), r"\(0, 1\)"),
+        (dict(rank=1.0), "rank=1 means r = 1"),
+        (dict(rank=4, scale=float("inf")), "finite"),
+        (dict(rank=4, grad_mode="yes"), "grad_mode"),
+        (dict(rank=4, exclude_modules="o_proj"), "list of name patterns"),
         (dict(rank=4, update_proj_gap=-1), "update_proj_gap"),
         (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
         (dict(rank=4, projection="sparse"), "projection"),
@@ -166,3 +181,45 @@ def test_sharded_strategies_are_refused(strategy):
         instance = strategy.__new__(strategy)
     with pytest.raises(MisconfigurationException, match="not support"):
         _check_strategy(instance)
+
+
+def _converted_weights(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if n.endswith("proj.weight") and "o_proj" not in n}
+
+
+@pytest.mark.parametrize("second", ["no callback", "decompressed", "sgd"])
+def test_a_later_fit_without_compact_trains_every_weight(tmp_path, second):
+    # Issue 9, defect 1: the layers used to stay converted after fit, so a later fit left
+    # every converted weight frozen (its gradient went to a compressed side channel).
+    module = PlainLM()
+    make_trainer(tmp_path / "a", [CompActCallback(rank=4)], max_steps=2).fit(module, token_loader())
+    assert not any(isinstance(m, CompActLinear) for m in module.modules())
+    before = _converted_weights(module)
+    callbacks = [] if second == "no callback" else [CompActCallback(rank=4, grad_mode="decompressed")]
+    if second == "sgd":
+        module.optimizer_name = "sgd"
+    make_trainer(tmp_path / "b", callbacks, max_steps=3).fit(module, token_loader())
+    after = _converted_weights(module)
+    assert all(not torch.equal(after[n], before[n]) for n in before), [n for n in before if torch.equal(after[n], before[n])]
+
+
+def test_a_second_callback_uses_its_own_settings(tmp_path):
+    # Issue 9, defect 2: a second callback's rank and projection were silently ignored.
+    module = PlainLM()
+    make_trainer(tmp_path / "a", [CompActCallback(rank=4)], max_steps=1).fit(module, token_loader())
+    cb = CompActCallback(rank=2, projection="rademacher")
+    make_trainer(tmp_path / "b", [cb], max_steps=1).fit(module, token_loader())
+    up = cb.layers["model.model.layers.0.mlp.up_proj"]
+    assert (up.rank, up.projection) == (2, "rademacher")
+
+
+class Boom(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        raise RuntimeError("boom")
+
+
+def test_the_module_is_restored_when_fit_fails(tmp_path):
+    module = PlainLM()
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(tmp_path, [CompActCallback(rank=4), Boom()], max_steps=3).fit(module, token_loader())
+    assert not any(isinstance(m, CompActLinear) for m in module.modules())

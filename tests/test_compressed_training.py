@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers import PlainLM, make_trainer, token_loader
-from lightning_compact import CompActAdamW, CompActCallback, compressed_grad_of
+from lightning_compact import CompActAdamW, CompActCallback
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,33 +65,53 @@ def test_gradients_and_moments_of_converted_weights_hold_r_times_m_elements(tmp_
     for layer in cb.layers.values():
         r, m = layer.rank, layer.out_features
         assert layer.weight.grad is None
-        assert layer.compressed_grad.numel() == r * m
-        state = opt.state[layer.weight]
+        assert layer.weight_delta.grad.numel() == r * m
+        state = opt.state[layer.weight_delta]
         assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == r * m
+        assert layer.weight not in opt.state
     lm_head = module.model.lm_head.weight  # not converted: full-size gradient and moments
     assert lm_head.grad.shape == lm_head.shape and opt.state[lm_head]["exp_avg"].shape == lm_head.shape
 
 
-def test_other_optimizers_fall_back_to_gradient_decompression_with_one_warning(tmp_path):
+def test_other_optimizers_get_decompressed_gradients_before_the_step_with_one_warning(tmp_path):
     cb = CompActCallback(rank=4)
     module = PlainLM(optimizer="sgd")
-    with pytest.warns(UserWarning, match="gradient-decompression mode") as record:
+    up = module.model.model.layers[0].mlp.up_proj.weight
+    before = up.detach().clone()
+    with pytest.warns(UserWarning, match="decompressed to full size before the optimizer step") as record:
         make_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader())
-    assert sum("gradient-decompression mode" in str(w.message) for w in record) == 1
-    up = module.model.model.layers[0].mlp.up_proj
-    assert not cb.compressed_layers and compressed_grad_of(up.weight) is None
-    assert up.weight.grad.shape == up.weight.shape
+    assert sum("decompressed to full size" in str(w.message) for w in record) == 1
+    layer = cb.layers["model.model.layers.0.mlp.up_proj"]
+    assert not cb.compressed_layers and layer.weight_delta.grad is None
+    assert up.grad.shape == up.shape and not torch.equal(up, before)
 
 
-def test_compress_optimizer_true_with_an_unsupported_optimizer_is_an_error(tmp_path):
+def test_decompressing_before_the_step_gives_sgd_the_decompressed_gradient(tmp_path):
+    # With SGD(lr) and one step, W₁ = W₀ − lr·Ĝ Pᵀ in both routes to a full-size gradient:
+    # decompressed in the backward (grad_mode="decompressed") or before the step ("auto").
+    results = []
+    for mode in ("auto", "decompressed"):
+        torch.manual_seed(0)
+        module = PlainLM(optimizer="sgd")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(tmp_path / mode, [CompActCallback(rank=4, grad_mode=mode)], max_steps=1, precision="64-true").fit(
+                module, token_loader()
+            )
+        results.append(module.state_dict())
+    for name, w in results[1].items():
+        assert rel_err(results[0][name], w) < 1e-12 or torch.equal(results[0][name], w), name
+
+
+def test_grad_mode_compressed_with_an_unsupported_optimizer_is_an_error(tmp_path):
     with pytest.raises(MisconfigurationException, match="SGD has no compressed counterpart"):
-        make_trainer(tmp_path, [CompActCallback(rank=4, compress_optimizer=True)], max_steps=1).fit(
+        make_trainer(tmp_path, [CompActCallback(rank=4, grad_mode="compressed")], max_steps=1).fit(
             PlainLM(optimizer="sgd"), token_loader()
         )
 
 
-def test_compress_optimizer_false_keeps_the_users_optimizer(tmp_path):
-    cb = CompActCallback(rank=4, compress_optimizer=False)
+def test_grad_mode_decompressed_keeps_the_users_optimizer(tmp_path):
+    cb = CompActCallback(rank=4, grad_mode="decompressed")
     module = PlainLM()
     trainer = make_trainer(tmp_path, [cb], max_steps=1)
     trainer.fit(module, token_loader())
@@ -99,7 +119,7 @@ def test_compress_optimizer_false_keeps_the_users_optimizer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message", [(dict(compress_optimizer="yes"), "compress_optimizer"), (dict(scale=0), "scale")]
+    "kwargs, message", [(dict(grad_mode="yes"), "grad_mode"), (dict(scale=0), "scale")]
 )
 def test_bad_mode_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
@@ -136,12 +156,10 @@ class GradientRecorder(pl.Callback):
     @staticmethod
     def _grads(trainer):
         out = {}
+        deltas = {id(layer.weight_delta) for layer in trainer.callbacks[0].layers.values()}
         for i, p in enumerate(trainer.optimizers[0].param_groups[0]["params"]):
-            sink = compressed_grad_of(p)
-            if sink is not None and sink.value is not None:
-                out[f"{i}.compressed"] = sink.value.clone()
-            elif p.grad is not None:
-                out[f"{i}"] = p.grad.clone()
+            if p.grad is not None:
+                out[f"{i}.compressed" if id(p) in deltas else f"{i}"] = p.grad.clone()
         return out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -216,10 +234,16 @@ def test_resume_from_a_mid_window_checkpoint_continues_bit_exactly(tmp_path):
     assert last_lr[0] == last_lr[1]
 
 
-def test_a_gradient_scaler_blocks_compressed_mode():
-    # fp16 on CUDA brings a GradScaler, which unscales and inf-checks .grad but not Ĝ. CPU
-    # runs have no scaler, so the check is exercised on a stand-in trainer.
-    from types import SimpleNamespace
+def test_lightning_grad_norm_counts_the_compressed_gradients(tmp_path):
+    from lightning.pytorch.utilities import grad_norm
 
-    trainer = SimpleNamespace(precision="16-mixed", precision_plugin=SimpleNamespace(scaler=object()))
-    assert "gradient scaler" in CompActCallback(rank=4)._blocker(trainer, [])
+    norms = {}
+
+    class Norms(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms.update(grad_norm(pl_module, norm_type=2))
+
+    cb = CompActCallback(rank=4)
+    make_trainer(tmp_path, [cb, Norms()], max_steps=1).fit(PlainLM(), token_loader())
+    assert "grad_2.0_norm/model.model.layers.0.mlp.up_proj.weight_delta" in norms
+    assert "grad_2.0_norm/model.model.layers.0.mlp.up_proj.weight" not in norms  # no full-size gradient

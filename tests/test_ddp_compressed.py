@@ -14,7 +14,7 @@ from lightning_compact import CompActCallback
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_two_process_ddp_matches_one_process_on_the_global_batch(tmp_path, optimizer):
-    """AdamW: compressed gradients are all-reduced. SGD: the fallback all-reduces full gradients."""
+    """DDP's reducer averages the compressed gradients (δ.grad): AdamW steps with them, SGD gets them decompressed."""
     script = Path(__file__).with_name("ddp_compressed_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
     proc = subprocess.run(
@@ -23,13 +23,12 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tmp_path, optim
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
 
-    # Converted weights are CompAct's to reduce, not DDP's. Compressed: r·m per weight and
-    # step (r/n = 4/32 or 4/64 of the full gradient here); fallback: the full gradient.
+    # The converted weights get no .grad, so DDP leaves them alone; their compressed
+    # gradients are reduced instead, r·m per weight and step (r/n = 4/32 or 4/64 of the
+    # full gradient here), with either optimizer (SGD's are decompressed after the reduction).
     assert len(r0["converted"]) == 12 and r0["ignored_by_ddp"] == r0["converted"]
-    compressed = optimizer == "adamw"
-    assert r0["compressed"] == (r0["converted"] if compressed else [])
-    per_step = r0["compressed_numel"] if compressed else r0["full_numel"]
-    assert r0["sent"] == [per_step] * SETTINGS["max_steps"]
+    assert r0["compressed"] == (r0["converted"] if optimizer == "adamw" else [])
+    assert r0["sent"] == [r0["compressed_numel"]] * SETTINGS["max_steps"]
     assert r0["full_numel"] > 8 * r0["compressed_numel"]
 
     # Same initialisation (rank 0's), same samples per step, same P: the single-process run

@@ -112,7 +112,18 @@ def test_input_without_grad_does_not_keep_the_weight():
     x, w, b = _inputs((10,), 32, 8, dtype=torch.float32)
     w.requires_grad_()
     _, saved = _saved_numels(lambda: compact_linear(x, w, b, rank=4, seed=0))
-    assert saved == [torch.Size([10, 4])]
+    assert saved == [torch.Size([10, 4]), torch.Size([2])]  # x·P, and P's two int32 hash keys
+
+
+def test_a_given_projection_is_used_and_saved_instead_of_its_keys():
+    x, w, b = _inputs((10,), 32, 8, dtype=torch.float64)
+    w.requires_grad_()
+    p = make_projection(32, 4, seed=3, dtype=torch.float64)
+    out, saved = _saved_numels(lambda: compact_linear(x, w, b, rank=4, proj=p))
+    assert saved == [torch.Size([10, 4]), torch.Size([32, 4])]  # the cache itself: no new memory
+    grad_out = torch.randn(10, 8, dtype=torch.float64)
+    out.backward(grad_out)
+    assert rel_err(w.grad, grad_out.T @ (x @ p) @ p.T) < 1e-12
 
 
 def test_bf16_autocast_matches_autocast_linear():

@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from helpers import TINY_LLAMA
-from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact, matches_any, resolve_rank
+from lightning_compact.layers import (
+    CompActConfig,
+    CompActLinear,
+    conversion_report,
+    convert_to_compact,
+    matches_any,
+    resolve_rank,
+    restore_linear,
+)
 from lightning_compact.models.llama import LlamaForCausalLM
 
 
@@ -16,7 +24,7 @@ def test_conversion_reuses_the_same_parameters_and_state_dict_keys():
     model = _model()
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
-    report = convert_to_compact(model, rank=0.25)
+    report = conversion_report(convert_to_compact(model, rank=0.25))
     assert report.converted
     for name, param in model.named_parameters():
         assert param is params_before[name]
@@ -35,7 +43,7 @@ def test_checkpoint_of_converted_model_loads_strictly_into_the_plain_model():
 
 def test_default_exclusions_and_rank_resolution():
     model = _model()
-    report = convert_to_compact(model, rank=0.25)
+    report = conversion_report(convert_to_compact(model, rank=0.25))
     assert "lm_head" in report.skipped and "output head" in report.skipped["lm_head"]
     assert "model.layers.0.self_attn.o_proj" in report.skipped
     q = report.converted["model.layers.0.self_attn.q_proj"]
@@ -46,7 +54,7 @@ def test_default_exclusions_and_rank_resolution():
 
 def test_layers_whose_rank_is_not_smaller_are_left_alone():
     model = _model()
-    report = convert_to_compact(model, rank=48)  # hidden 32 < 48 <= intermediate 64
+    report = conversion_report(convert_to_compact(model, rank=48))  # hidden 32 < 48 <= intermediate 64
     assert "model.layers.0.self_attn.q_proj" in report.skipped
     assert "rank 48 >= in_features 32" in report.skipped["model.layers.0.self_attn.q_proj"]
     assert "model.layers.0.mlp.down_proj" in report.converted
@@ -54,9 +62,9 @@ def test_layers_whose_rank_is_not_smaller_are_left_alone():
 
 def test_module_filter_and_second_call_are_respected():
     model = _model()
-    report = convert_to_compact(model, rank=4, module_filter_fn=lambda m, name: name.endswith("up_proj"))
+    report = conversion_report(convert_to_compact(model, rank=4, module_filter_fn=lambda m, name: name.endswith("up_proj")))
     assert set(report.converted) == {f"model.layers.{i}.mlp.up_proj" for i in range(2)}
-    again = convert_to_compact(model, rank=4)
+    again = conversion_report(convert_to_compact(model, rank=4))
     assert set(report.converted) <= set(again.converted)
     assert again.converted["model.layers.0.mlp.up_proj"] is report.converted["model.layers.0.mlp.up_proj"]
 
@@ -89,10 +97,10 @@ def test_training_output_is_exact_and_optimizer_built_before_still_updates():
 
 def test_layer_seed_changes_with_window_and_name():
     model = _model()
-    report = convert_to_compact(model, rank=4)
+    report = conversion_report(convert_to_compact(model, rank=4))
     q, k = report.converted["model.layers.0.self_attn.q_proj"], report.converted["model.layers.0.self_attn.k_proj"]
     s0 = q.seed
-    q.window = 1
+    q.set_window(1)
     assert q.seed != s0 and q.seed != k.seed
 
 
@@ -104,7 +112,7 @@ def test_pattern_matching():
     assert matches_any("model.layers.3.mlp.up_proj", ["proj"]) is None  # whole components only
 
 
-@pytest.mark.parametrize("rank, message", [(0, ">= 1"), (-2, ">= 1"), (1.5, r"\(0, 1\]"), (0.0, r"\(0, 1\]"), (True, "bool"), ("8", "int or a float")])
+@pytest.mark.parametrize("rank, message", [(0, ">= 1"), (-2, ">= 1"), (1.5, r"\(0, 1\)"), (0.0, r"\(0, 1\)"), (1.0, "rank=1 means r = 1"), (True, "bool"), ("8", "int or a float")])
 def test_bad_ranks_say_what_to_change(rank, message):
     with pytest.raises((ValueError, TypeError), match=message):
         resolve_rank(rank, 64)
@@ -115,7 +123,7 @@ def test_bad_ranks_say_what_to_change(rank, message):
 def test_rank_fraction_rounds_and_is_at_least_one():
     assert resolve_rank(0.25, 10) == 2
     assert resolve_rank(0.01, 10) == 1
-    assert resolve_rank(1.0, 10) == 10
+    assert resolve_rank(0.99, 10) == 10
     assert resolve_rank(7, 10) == 7
 
 
@@ -131,14 +139,14 @@ def test_poolers_are_left_alone_by_default():
     model.encoder = nn.Sequential(nn.Linear(16, 16))
     model.pooler = nn.Module()
     model.pooler.dense = nn.Linear(16, 16)
-    report = convert_to_compact(model, rank=4)
+    report = conversion_report(convert_to_compact(model, rank=4))
     assert "encoder.0" in report.converted
     assert "pooler" in report.skipped["pooler.dense"]
 
 
 def test_shared_projection_groups_siblings_reading_one_input_size():
     model = _model()
-    report = convert_to_compact(model, config=CompActConfig(rank=4, share_projection=True))
+    report = conversion_report(convert_to_compact(model, config=CompActConfig(rank=4, share_projection=True)))
     layer = "model.layers.0"
     seeds = {n.rsplit(".", 1)[-1]: m.seed for n, m in report.converted.items() if n.startswith(layer + ".")}
     assert seeds["q_proj"] == seeds["k_proj"] == seeds["v_proj"]
@@ -146,7 +154,7 @@ def test_shared_projection_groups_siblings_reading_one_input_size():
     assert len({seeds["q_proj"], seeds["gate_proj"], seeds["down_proj"]}) == 3
     other_block = report.converted["model.layers.1.self_attn.q_proj"].seed
     assert other_block != seeds["q_proj"]
-    unshared = convert_to_compact(_model(), rank=4).converted
+    unshared = conversion_report(convert_to_compact(_model(), rank=4)).converted
     assert len({unshared[f"{layer}.self_attn.{p}"].seed for p in ("q_proj", "k_proj", "v_proj")}) == 3
 
 
@@ -154,7 +162,7 @@ def test_shared_projection_keeps_one_compressed_input_and_exact_formula():
     torch.manual_seed(0)
     block = nn.Module()
     block.q, block.k = nn.Linear(32, 16, bias=False).double(), nn.Linear(32, 24, bias=False).double()
-    report = convert_to_compact(block, config=CompActConfig(rank=8, share_projection=True))
+    report = conversion_report(convert_to_compact(block, config=CompActConfig(rank=8, share_projection=True)))
     q, k = report.converted["q"], report.converted["k"]
     x = torch.randn(5, 32, dtype=torch.float64)
     saved = []
@@ -169,3 +177,51 @@ def test_shared_projection_keeps_one_compressed_input_and_exact_formula():
     for layer, grad_out in ((q, torch.ones(5, 16, dtype=torch.float64)), (k, 2 * (x @ k.weight.T).detach())):
         expected = grad_out.T @ (x @ p) @ p.T
         assert ((layer.weight.grad - expected).norm() / expected.norm()).item() < 1e-12
+
+
+def test_a_module_converted_with_other_settings_is_refused_until_restored():
+    model = _model()
+    convert_to_compact(model, rank=4)
+    with pytest.raises(ValueError, match="already converted with other settings: rank=4 \\(asked 2\\)"):
+        convert_to_compact(model, config=CompActConfig(rank=2, projection="rademacher"))
+    restore_linear(model)
+    assert not any(isinstance(m, CompActLinear) for m in model.modules())
+    convert_to_compact(model, config=CompActConfig(rank=2, projection="rademacher"))
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.rank == 2 and q.projection == "rademacher"
+
+
+def test_restore_gives_back_plain_linears_with_the_same_parameters():
+    model = _model()
+    before = dict(model.named_parameters())
+    convert_to_compact(model, config=CompActConfig(rank=4, grad_mode="compressed"))
+    assert restore_linear(model) is model
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_exclusions_add_to_the_defaults_unless_told_otherwise():
+    report = conversion_report(convert_to_compact(_model(), config=CompActConfig(rank=4, exclude_modules=["up_proj"])))
+    assert "model.layers.0.mlp.up_proj" in report.skipped and "lm_head" in report.skipped
+    report = conversion_report(
+        convert_to_compact(_model(), config=CompActConfig(rank=4, exclude_modules=["up_proj"], default_exclusions=False))
+    )
+    assert "model.layers.0.mlp.up_proj" in report.skipped and "model.layers.0.self_attn.o_proj" in report.converted
+
+
+def test_parametrized_weights_are_skipped_with_their_reason():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    report = conversion_report(convert_to_compact(model, rank=4))
+    assert "parametrization" in report.skipped["0"] and "1" in report.converted
+    model(torch.randn(3, 16)).sum().backward()
+
+
+def test_forward_hooks_with_kwargs_survive_the_swap():
+    model = nn.Sequential(nn.Linear(16, 16))
+    seen = []
+    model[0].register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
+    convert_to_compact(model, rank=4)
+    model(torch.randn(2, 16))
+    assert seen == [{}]

@@ -96,7 +96,7 @@ def test_optimizer_state_appears_after_the_first_step():
 def test_compressed_gradients_are_counted_as_gradients_not_temporaries():
     n, m, r, tokens = 64, 32, 8, 256
     model = nn.Sequential(nn.Linear(n, m, bias=False))
-    convert_to_compact(model, config=CompActConfig(rank=r, compress_grad=True))
+    convert_to_compact(model, config=CompActConfig(rank=r, grad_mode="compressed", cache_projections=False))
     x = torch.randn(tokens, n)
     with StepMemoryTracker(modules=[model], tensors=[x]) as tracker:
         model(x).square().mean().backward()
@@ -107,7 +107,7 @@ def test_compressed_gradients_are_counted_as_gradients_not_temporaries():
 
 def test_compressed_gradients_left_by_earlier_micro_batches_are_gradients():
     model = nn.Sequential(nn.Linear(64, 32, bias=False))
-    convert_to_compact(model, config=CompActConfig(rank=8, compress_grad=True))
+    convert_to_compact(model, config=CompActConfig(rank=8, grad_mode="compressed", cache_projections=False))
     x = torch.randn(16, 64)
     model(x).sum().backward()  # micro-batch 1, outside the tracker
     with StepMemoryTracker(modules=[model], tensors=[x]) as tracker:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lightning_compact.layers import CompActConfig, compressed_grad_of, convert_to_compact
+from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, format_bytes, format_table
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
 from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, RunShape, llama_module, model_config, read_recipe
@@ -166,7 +166,8 @@ def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.dev
     if variant.rank is not None:
         extra = {} if shape.exclude_modules is None else {"exclude_modules": tuple(shape.exclude_modules)}
         compress = variant.mode == "compressed"
-        convert_to_compact(model, config=CompActConfig(rank=variant.rank, compress_grad=compress, **extra))
+        config = CompActConfig(rank=variant.rank, grad_mode="compressed" if compress else "decompressed", **extra)
+        convert_to_compact(model, config=config)
         if compress:
             from lightning_compact.optim import CompActAdamW
 
@@ -196,13 +197,11 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Take one optimizer step on zero gradients: the state of a trained step, minus a forward and backward."""
+    compressed_weights = {id(m.weight) for m in model.modules() if isinstance(m, CompActLinear) and m.weight_delta is not None}
     with torch.no_grad():
         for p in model.parameters():
-            sink = compressed_grad_of(p)
-            if sink is not None:
-                sink.accumulate(p.new_zeros(p.shape[0], sink.rank), seed=0)
-            else:
-                p.grad = torch.zeros_like(p)
+            if id(p) not in compressed_weights:  # those get their gradient through weight_delta
+                p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -12,7 +12,7 @@ linear-input activations      b·l·n       b·l·r
 ============================  ==========  ==========
 
 The gradient and optimizer rows apply only when the gradient stays compressed (the
-paper's full method, ``compress_grad``); with gradient decompression ``.grad`` and
+paper's full method, ``grad_mode="compressed"``); with gradient decompression ``.grad`` and
 Adam's moments stay ``m·n``. Layers that read the same input (q, k and v; gate and up)
 share one saved ``x`` in the original model, so ``b·l·n`` is counted once per distinct
 input, while each CompAct layer stores its own ``x·P`` (``b·l·r`` each). Under autocast
@@ -136,7 +136,7 @@ def table1(model: nn.Module, recorder: LinearInputRecorder | None = None, *, sta
         if not isinstance(layer, CompActLinear):
             continue
         m, n, r = layer.out_features, layer.in_features, layer.rank
-        kept = r if layer.compress_grad else n
+        kept = r if layer.grad_mode == "compressed" else n
         grad_size = layer.weight.element_size()
         state_size = torch.finfo(state_dtype).bits // 8 if state_dtype is not None else grad_size
         grads[0] += m * n * grad_size

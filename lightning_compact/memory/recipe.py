@@ -12,7 +12,7 @@
   (default 1); ``trainer.accelerator``: ``cpu`` gives device type ``cpu``, anything
   else (``gpu``, ``cuda``, ``auto``) ``cuda``.
 * ``compact``: ``enabled`` (default true, as in the CLI), ``rank`` (default n/4, as in
-  the CLI), ``compress_optimizer`` (``false``: gradient decompression) and
+  the CLI), ``grad_mode`` (``decompressed``: gradient decompression) and
   ``exclude_modules``: the recipe's own CompAct setting.
 
 Only the YAML is read: nothing is instantiated, so no dataset, tokenizer or hub
@@ -58,7 +58,7 @@ class RunShape:
         accumulate_grad_batches: micro-batches per optimizer step.
         device_type: ``cuda`` or ``cpu``: which kernels and allocator to model.
         compact_rank: the recipe's CompAct rank, or ``None`` if it has CompAct off.
-        compress_grad: the recipe's CompAct mode (``False``: gradient decompression).
+        grad_mode: the recipe's CompAct gradient mode (``"compressed"`` or ``"decompressed"``).
         exclude_modules: the recipe's CompAct exclusions, or ``None`` for the default.
     """
 
@@ -70,7 +70,7 @@ class RunShape:
     accumulate_grad_batches: int = 1
     device_type: str = "cuda"
     compact_rank: int | float | None = None
-    compress_grad: bool = True
+    grad_mode: str = "compressed"
     exclude_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -140,7 +140,8 @@ def read_recipe(path: str | Path) -> RunShape:
         accumulate_grad_batches=int(trainer.get("accumulate_grad_batches", 1) or 1),
         device_type="cpu" if str(trainer.get("accelerator", "auto")).lower() == "cpu" else "cuda",
         compact_rank=compact.get("rank", CLI_DEFAULT_RANK) if enabled else None,
-        compress_grad=compact.get("compress_optimizer", "auto") is not False if enabled else True,
+        # "auto" with the recipes' AdamW is compressed.
+        grad_mode="decompressed" if enabled and compact.get("grad_mode") == "decompressed" else "compressed",
         exclude_modules=tuple(exclude) if exclude is not None else None,
     )
 

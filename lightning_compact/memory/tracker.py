@@ -131,42 +131,6 @@ def _to_breakdown(snapshot: dict[Any, int]) -> MemoryBreakdown:
     return MemoryBreakdown(**fields)
 
 
-@contextlib.contextmanager
-def _compressed_grads_tagged(tag: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, report every compressed gradient CompAct stores to ``tag``."""
-    try:
-        from lightning_compact.functional import CompressedGrad
-    except ImportError:  # a CompAct without the compressed-gradient mode: nothing to tag
-        yield
-        return
-    original = CompressedGrad.accumulate
-
-    @functools.wraps(original)
-    def accumulate(self: Any, grad: torch.Tensor, seed: int) -> None:
-        original(self, grad, seed)
-        tag(self.value)
-
-    CompressedGrad.accumulate = accumulate  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        CompressedGrad.accumulate = original  # type: ignore[method-assign]
-
-
-def _compressed_grads(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
-    try:
-        from lightning_compact.layers import compressed_grad_of
-    except ImportError:
-        return []
-    values = []
-    for module in modules:
-        for p in module.parameters():
-            sink = compressed_grad_of(p)
-            if sink is not None and sink.value is not None:
-                values.append(sink.value)
-    return values
-
-
 class StepMemoryTracker:
     """Context manager: the per-category peak of everything run inside it.
 
@@ -212,22 +176,14 @@ class StepMemoryTracker:
         self._tensors = list(tensors)
         self._stack: contextlib.ExitStack | None = None
 
-    def _tag_as_gradient(self, t: torch.Tensor) -> None:
-        self._tracker._update_and_maybe_create_winfos(t, self._ref_type.GRAD)
-        # Re-tagging is not an op: refresh the maxima now, the backward may have no op left.
-        self._tracker._update_peak_stats(None)
-
     def __enter__(self) -> StepMemoryTracker:
         tracker = self._tracker
         tracker.track_external(*self._modules, *self._optimizers, *self._tensors)
-        for grad in _compressed_grads(self._modules):  # left by earlier micro-batches
-            self._tag_as_gradient(grad)
         with contextlib.ExitStack() as stack:
             stack.enter_context(warnings.catch_warnings())
-            # MemTracker's post-accumulate-grad hook also fires for weights whose gradient
-            # CompAct keeps compressed (``.grad`` is None) and warns about the None.
+            # MemTracker's post-accumulate-grad hook may fire for a parameter whose .grad
+            # is None (a weight whose gradient CompAct keeps compressed) and warns about it.
             warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-            stack.enter_context(_compressed_grads_tagged(self._tag_as_gradient))
             stack.enter_context(tracker)  # resets the peak to what is alive now
             tracker.largest = {dev: dict(snap) for dev, snap in tracker._curr_mem_snap.items()}
             self._stack = stack.pop_all()

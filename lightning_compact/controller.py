@@ -1,0 +1,337 @@
+"""``CompAct``: the Lightning-free driver of a CompAct run.
+
+Everything a training loop needs besides its own forward/backward/step, usable from a
+plain PyTorch loop, from ``lightning.fabric`` and (through
+:class:`~lightning_compact.callbacks.compact.CompActCallback`, a thin adapter) from the
+Trainer::
+
+    compact = CompAct(rank=0.25, grad_mode="compressed")
+    model = compact.convert(model)                     # layer swap, same Parameters
+    opt = compact.optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))  # -> CompActAdamW
+    for step, batch in enumerate(loader):
+        compact.step(step)                             # the seed schedule: P for this step
+        loss = model(batch).loss
+        loss.backward()
+        opt.step(); opt.zero_grad()
+    compact.restore(model)                             # plain nn.Linear again
+
+Under DDP, call ``compact.convert(model, ddp=True)`` before wrapping the model and
+``compact.broadcast_weights()`` after (DDP no longer broadcasts the compressed weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_compact.distributed import broadcast_parameters, exclude_from_ddp
+from lightning_compact.functional import GRAD_MODES
+from lightning_compact.layers import (
+    CompActConfig,
+    CompActLinear,
+    ConversionReport,
+    conversion_report,
+    convert_to_compact,
+    matches_any,
+    restore_linear,
+)
+from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, unsupported_reason
+from lightning_compact.projection import seed_keys, window_for_step
+
+__all__ = ["CompAct"]
+
+
+class CompAct:
+    """Convert a model, drive its projection schedule, swap its optimizer, restore it.
+
+    Args:
+        rank: an ``int`` (absolute rank) or a ``float`` in (0, 1) (fraction of each
+            layer's ``in_features``, e.g. ``0.25`` for the paper's r = n/4).
+        update_proj_gap: optimizer steps between projection resamples (the paper's T).
+        seed: base seed of the projections; the same on every rank.
+        grad_mode: ``"compressed"`` (the paper's full method: ``Ĝ`` in each layer's
+            ``weight_delta.grad``, Adam moments in r-space via :class:`CompActAdamW`) or
+            ``"decompressed"`` (full-size ``weight.grad``, any optimizer).
+        target_modules: name patterns of the layers to convert (default: all linear layers).
+        exclude_modules: name patterns left uncompressed, added to the default exclusions.
+        default_exclusions: keep the default exclusions (output heads, poolers, attention
+            output projections); ``False`` leaves only ``exclude_modules``.
+        projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
+        scale: α of the decompressed update in :class:`CompActAdamW`.
+        share_projection: one projection (and one stored ``x·P``) for the layers of one
+            module that read the same input (q/k/v, gate/up).
+        cache_projections: ``True``, ``False`` or ``"auto"``; see :class:`CompActConfig`.
+    """
+
+    def __init__(
+        self,
+        rank: int | float,
+        *,
+        update_proj_gap: int = 50,
+        seed: int = 0,
+        grad_mode: str = "compressed",
+        target_modules: Sequence[str] | None = None,
+        exclude_modules: Sequence[str] = (),
+        default_exclusions: bool = True,
+        projection: str = "gaussian",
+        scale: float = DEFAULT_SCALE,
+        share_projection: bool = False,
+        cache_projections: bool | str = "auto",
+    ) -> None:
+        if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+            raise ValueError(
+                f"update_proj_gap={update_proj_gap!r}: must be a positive int (optimizer steps between "
+                "projection resamples; the paper uses 50 for pretraining)"
+            )
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"scale={scale!r}: must be a positive, finite number (α)")
+        if target_modules is not None and (
+            isinstance(target_modules, str) or not all(isinstance(p, str) for p in target_modules)
+        ):
+            raise TypeError("target_modules must be a list of name patterns")
+        self.config = CompActConfig(
+            rank=rank,
+            projection=projection,
+            seed=seed,
+            grad_mode=grad_mode,
+            exclude_modules=tuple(exclude_modules),
+            default_exclusions=default_exclusions,
+            share_projection=share_projection,
+            cache_projections=cache_projections,
+        )
+        self.update_proj_gap = update_proj_gap
+        self.target_modules = list(target_modules) if target_modules is not None else None
+        self.scale = float(scale)
+        self.report = ConversionReport()
+        self._window: int | None = None
+
+    # -- conversion ---------------------------------------------------------------------
+
+    @property
+    def layers(self) -> dict[str, CompActLinear]:
+        """The converted layers by fully qualified name."""
+        return self.report.converted
+
+    @property
+    def compressed_layers(self) -> dict[str, CompActLinear]:
+        """The converted layers in compressed gradient mode."""
+        return {name: layer for name, layer in self.layers.items() if layer.grad_mode == "compressed"}
+
+    def _filter(self) -> Callable[[nn.Module, str], bool] | None:
+        targets = self.target_modules
+        return None if targets is None else (lambda _m, name: matches_any(name, targets) is not None)
+
+    def convert(self, module: nn.Module, *, ddp: bool = False, grad_mode: str | None = None) -> nn.Module:
+        """Swap ``module``'s eligible ``nn.Linear`` layers for :class:`CompActLinear`; returns ``module``.
+
+        Args:
+            ddp: the module will be wrapped in ``DistributedDataParallel`` (call this
+                before wrapping): in compressed mode each ``weight_delta`` gets real
+                storage and the weights are kept out of DDP's buckets (they get no ``.grad``).
+            grad_mode: override the configured mode for the layers converted by this call
+                (e.g. ``"decompressed"`` for layers made after DDP wrapped the model).
+        """
+        config = self.config
+        if grad_mode is not None and grad_mode != config.grad_mode:
+            if grad_mode not in GRAD_MODES:
+                raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+            config = dataclasses.replace(config, grad_mode=grad_mode)
+        before = set(self.layers)
+        convert_to_compact(module, config=config, module_filter_fn=self._filter())
+        self.report.merge(conversion_report(module))
+        new = [layer for name, layer in self.layers.items() if name not in before]
+        if ddp and config.grad_mode == "compressed" and new:
+            for layer in new:
+                layer.set_grad_mode("compressed", materialize=True)
+            exclude_from_ddp(module, [layer.weight for layer in new])
+        if self._window is not None:
+            self._set_window(self._window, new, force=True)
+        return module
+
+    def unmatched_targets(self) -> list[str]:
+        """``target_modules`` patterns that named no linear layer of the converted modules."""
+        if self.target_modules is None:
+            return []
+        return [p for p in self.target_modules if not any(matches_any(n, [p]) for n in self.report.shapes)]
+
+    def broadcast_weights(self, src: int = 0) -> None:
+        """Under DDP in compressed mode: copy rank ``src``'s compressed weights to every rank."""
+        broadcast_parameters([layer.weight for layer in self.compressed_layers.values()], src=src)
+
+    def restore(self, module: nn.Module) -> nn.Module:
+        """Swap every converted layer of ``module`` back to ``nn.Linear`` (same Parameters); returns ``module``."""
+        restore_linear(module)
+        self.report = ConversionReport()
+        self._window = None
+        return module
+
+    # -- schedule -----------------------------------------------------------------------
+
+    def window(self, global_step: int) -> int:
+        """The resample window of an optimizer step (the one place the schedule lives)."""
+        return window_for_step(global_step, self.update_proj_gap)
+
+    def set_seed(self, seed: int) -> None:
+        """Change the base seed (e.g. to a checkpoint's); applied at the next :meth:`step`."""
+        self.config = dataclasses.replace(self.config, seed=seed)
+        self._window = None
+
+    def set_update_proj_gap(self, update_proj_gap: int) -> None:
+        """Change T (e.g. to a checkpoint's); applied at the next :meth:`step`."""
+        self.update_proj_gap = update_proj_gap
+        self._window = None
+
+    def step(self, global_step: int) -> None:
+        """Use the projections of optimizer step ``global_step`` (call before its forward).
+
+        Micro-batches of one step share ``P``; every rank derives the same ``P``; a resumed
+        run derives the projections the uninterrupted run used.
+        """
+        window = self.window(global_step)
+        if window != self._window:
+            self._set_window(window, self.layers.values(), force=self._window is None)
+            self._window = window
+
+    def _set_window(self, window: int, layers: Iterable[CompActLinear], force: bool) -> None:
+        # Siblings sharing key and cache tensors (share_projection) are written once.
+        keys_done: set[int] = set()
+        caches_done: set[int] = set()
+        for layer in layers:
+            if force:
+                layer.base_seed = self.config.seed  # a checkpoint may have restored another one
+            layer.window = window
+            if id(layer.projection_keys) not in keys_done:
+                layer.projection_keys.copy_(torch.tensor(seed_keys(layer.seed), dtype=torch.int32))
+                keys_done.add(id(layer.projection_keys))
+            cache = layer.projection_cache
+            if cache is not None and id(cache) not in caches_done:
+                layer.refresh_projection_cache()
+                caches_done.add(id(cache))
+
+    def set_projection_dtype(self, dtype: torch.dtype | None) -> None:
+        """Keep cached projections in ``dtype`` (e.g. the autocast dtype, so no cast per forward)."""
+        leaders: dict[int, torch.Tensor] = {}
+        for layer in self.layers.values():
+            cache = layer.projection_cache
+            if cache is None or dtype is None or cache.dtype == dtype:
+                continue
+            if id(cache) not in leaders:
+                layer.refresh_projection_cache(dtype)
+                leaders[id(cache)] = layer.projection_cache
+            else:
+                layer.projection_cache = leaders[id(cache)]
+
+    @property
+    def projection_cache_bytes(self) -> int:
+        """Bytes held by the projection caches (each shared cache counted once)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers.values():
+            if layer.projection_cache is not None:
+                seen[id(layer.projection_cache)] = layer.projection_cache_bytes
+        return sum(seen.values())
+
+    # -- optimizer ----------------------------------------------------------------------
+
+    def holds_converted(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` holds a converted layer's weight or ``weight_delta``."""
+        ids = {id(layer.weight) for layer in self.layers.values()}
+        ids |= {id(layer.weight_delta) for layer in self.compressed_layers.values()}
+        return any(id(p) in ids for group in optimizer.param_groups for p in group["params"])
+
+    def unsupported_reason(self, optimizer: Optimizer) -> str | None:
+        """Why ``optimizer`` cannot train the compressed layers (``None``: it can, or it holds none of them)."""
+        if isinstance(optimizer, CompActAdamW) or not self.holds_converted(optimizer):
+            return None
+        return unsupported_reason(optimizer)
+
+    def optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """The optimizer to train with: ``optimizer`` itself, or an equivalent :class:`CompActAdamW`.
+
+        In compressed mode a ``torch.optim.Adam``/``AdamW`` holding converted weights is
+        replaced (same groups and hyperparameters, plus each missing ``weight_delta``); a
+        ``CompActAdamW`` gets its missing ``weight_delta`` added. Other optimizers raise.
+
+        Raises:
+            ValueError: compressed mode with an optimizer that has no compressed form.
+        """
+        if not self.compressed_layers or not self.holds_converted(optimizer):
+            return optimizer
+        reason = self.unsupported_reason(optimizer)
+        if reason is not None:
+            raise ValueError(f"{reason}; use Adam/AdamW, or grad_mode='decompressed'")
+        if isinstance(optimizer, CompActAdamW):
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            for layer in self.compressed_layers.values():
+                if id(layer.weight_delta) in held:
+                    continue
+                for group in optimizer.param_groups:
+                    if any(p is layer.weight for p in group["params"]):
+                        group["params"].append(layer.weight_delta)
+                        break
+            return optimizer
+        return CompActAdamW.from_optimizer(optimizer, scale=self.scale, layers=self.compressed_layers.values())
+
+    @torch.no_grad()
+    def decompress_grads_(self) -> None:
+        """Turn each compressed gradient into a full-size ``weight.grad`` (``Ĝ Pᵀ``, added), and free ``Ĝ``.
+
+        For optimizers without a compressed form in a run whose layers are compressed
+        (e.g. under DDP, where the mode is fixed before the optimizer is known): call it
+        after the backward (after the reduction) and before ``optimizer.step()``. The
+        ``weight_delta`` then has no ``.grad``, so the optimizer skips it.
+        """
+        for layer in self.compressed_layers.values():
+            delta = layer.weight_delta
+            if delta.grad is None:
+                continue
+            full = delta.grad @ layer.projection_matrix(dtype=delta.grad.dtype).t()
+            w = layer.weight
+            w.grad = full.to(w.dtype) if w.grad is None else w.grad.add_(full)
+            delta.grad = None
+
+    # -- reporting and state ------------------------------------------------------------
+
+    def format_table(self, bytes_per_element: int = 2) -> str:
+        """The converted and skipped layers, their ranks and the activation bytes saved per token."""
+        rows = [("layer", "in -> out", "rank", "saved/token")]
+        saved_total = 0
+        for name, layer in self.layers.items():
+            n, m = layer.in_features, layer.out_features
+            saved = (n - layer.rank) * bytes_per_element
+            saved_total += saved
+            rows.append((name, f"{n} -> {m}", str(layer.rank), f"{saved} B"))
+        for name, reason in self.report.skipped.items():
+            n, m = self.report.shapes[name]
+            rows.append((name, f"{n} -> {m}", "-", f"skipped: {reason}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        header = (
+            f"CompAct: {len(self.layers)} linear layers compressed, {len(self.report.skipped)} left as they are "
+            f"(projection={self.config.projection}, resampled every {self.update_proj_gap} steps)"
+        )
+        n_compressed = len(self.compressed_layers)
+        if n_compressed:
+            header += (
+                f"\nGradients and Adam moments of {n_compressed} of them kept compressed (CompActAdamW, "
+                f"scale={self.scale:g}); the others decompress their gradients to full size."
+                if n_compressed < len(self.layers)
+                else f"\nTheir gradients and Adam moments are kept compressed (CompActAdamW, scale={self.scale:g})."
+            )
+        elif self.layers:
+            header += "\nWeight gradients are decompressed to full size (grad_mode='decompressed')."
+        footer = (
+            f"Up to {saved_total} B per token fewer saved for the backward pass "
+            f"({bytes_per_element} B per element; layers sharing one input, like q/k/v, save less together)."
+        )
+        return "\n".join([header, *lines, footer])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to rebuild the same projections."""
+        return {"seed": self.config.seed, "update_proj_gap": self.update_proj_gap}
+
