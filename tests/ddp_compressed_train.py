@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import PlainLM, token_loader  # noqa: E402
 
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
 from lightning_compact import CompActCallback  # noqa: E402
@@ -26,12 +25,18 @@ N_SAMPLES, LOCAL_BATCH, WORLD = 48, 4, 2
 
 
 class DDPIgnoreRecorder(pl.Callback):
-    """Records which parameters the DDP wrapper leaves alone (the wrapper is gone after fit)."""
+    """Records which parameters the DDP wrapper leaves alone (the wrapper is gone after fit),
+    and installs a communication hook (Lightning registers one only on CUDA)."""
 
     ignored: list[str] = []
 
+    def __init__(self, hook=None):
+        self.hook = hook
+
     def on_train_start(self, trainer, pl_module):
         self.ignored = sorted(trainer.strategy.model.parameters_to_ignore)
+        if self.hook is not None:
+            trainer.strategy.model.register_comm_hook(None, self.hook)
 
 
 def rank_loader(rank: int) -> DataLoader:
@@ -49,7 +54,7 @@ def main(out_dir: Path, optimizer: str) -> None:
     torch.manual_seed(rank)
     module = PlainLM(optimizer=optimizer)
 
-    cb, recorder = CompActCallback(rank=4, update_proj_gap=2), DDPIgnoreRecorder()
+    cb = CompActCallback(rank=4, update_proj_gap=2)
 
     # Count the elements of compressed gradients that DDP's reducer sends, per step.
     sent: dict[int, int] = {}
@@ -60,10 +65,11 @@ def main(out_dir: Path, optimizer: str) -> None:
         sent[step] = sent.get(step, 0) + sum(p.numel() for p in bucket.parameters() if id(p) in deltas)
         return allreduce_hook(state, bucket)
 
+    recorder = DDPIgnoreRecorder(counting_hook)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=DDPStrategy(ddp_comm_hook=counting_hook),
+        strategy="ddp",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
