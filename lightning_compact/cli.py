@@ -106,7 +106,8 @@ class CompactCLI(LightningCLI):
         # Re-running a recipe into the same log directory should not fail on config.yaml.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _ShortUsageParser)
-        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        # prog: the console script's name also under `python -m lightning_compact.cli`.
+        kwargs.setdefault("parser_kwargs", {"prog": "lightning-compact", "description": DESCRIPTION})
         super().__init__(*args, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
@@ -116,6 +117,8 @@ class CompactCLI(LightningCLI):
         parser._subcommands_action.add_subcommand("estimate", estimate, help=ESTIMATE_HELP)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand == "estimate":
+            raise ConfigError("`estimate` is not a Trainer command: run it through lightning_compact.cli.main([...])")
         # Lightning checks the accelerator when it builds the Trainer and says only "No
         # supported gpu backend found!"; say what to do before anything is built.
         config = self.config[self.subcommand] if self.subcommand else self.config
