@@ -2,7 +2,13 @@
 
 ``estimate`` is not a Trainer command: it runs one training step of a recipe's model
 under FakeTensorMode (nothing allocated) and prints where the memory goes; see
-:mod:`lightning_compact.memory.estimator` (``lightning-compact estimate --help``).
+:mod:`lightning_compact.memory.estimator` (``lightning-compact estimate --help``). Its
+flags are named like the recipe keys they override (``--data.batch_size``).
+
+Configuration mistakes the CLI can name (an invalid ``--compact.*`` or ``--memory.*``
+value, a GPU recipe on a machine without a GPU) end with one ``error:`` line and exit
+status 2, as a bad flag does, instead of a traceback; a hub dataset, tokenizer or model
+that cannot be reached ends with one line too (its offline alternative), exit status 1.
 
 Two callback groups are added to Lightning's usual ``trainer``/``model``/``data`` ones:
 
@@ -24,6 +30,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -32,8 +40,9 @@ import lightning_compact.data  # noqa: F401
 import lightning_compact.models.causal_lm  # noqa: F401
 import lightning_compact.models.classification  # noqa: F401
 from lightning_compact import CompActCallback, PeakMemoryMonitor
+from lightning_compact.data.hub import HubUnavailableError
 
-__all__ = ["CompactCLI", "main", "run_cli"]
+__all__ = ["CompactCLI", "ConfigError", "main", "run_cli"]
 
 # Callback groups with an on/off switch: nested key -> class.
 SWITCHED_CALLBACKS: dict[str, type[Callback]] = {"compact": CompActCallback, "memory": PeakMemoryMonitor}
@@ -42,9 +51,52 @@ SWITCHED_CALLBACKS: dict[str, type[Callback]] = {"compact": CompActCallback, "me
 DEFAULT_RANK = 0.25
 
 
+DESCRIPTION = (
+    "CompAct (compressed activations) for PyTorch Lightning: train, validate or test a recipe "
+    "(--config recipes/...), or estimate its memory."
+)
+ESTIMATE_HELP = (
+    "Estimate the peak memory of one training step of a recipe, baseline vs CompAct, without a GPU "
+    "(see `lightning-compact estimate --help`)."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the CLI rejects before training; :func:`main` prints it as one ``error:`` line."""
+
+
 def _switched(class_type: type[Callback], *args: Any, enabled: bool = True, **kwargs: Any) -> Callback | None:
     # jsonargparse instantiator: the `enabled` key is the CLI's, not the callback's.
-    return class_type(*args, **kwargs) if enabled else None
+    if not enabled:
+        return None
+    try:
+        return class_type(*args, **kwargs)
+    except (ValueError, MisconfigurationException) as err:
+        # Only the group's own arguments reach the constructor: a user error, not a bug.
+        key = next(k for k, cls in SWITCHED_CALLBACKS.items() if cls is class_type)
+        raise ConfigError(f"invalid --{key}.* setting: {err}") from err
+
+
+def _no_gpu_message(accelerator: str, recipe: str = "<recipe>") -> str | None:
+    """Why ``accelerator`` cannot run here, or ``None``; checked before Lightning's "No supported gpu backend found!"."""
+    if accelerator not in ("gpu", "cuda"):
+        return None
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()
+    if torch.cuda.is_available() or mps:
+        return None
+    return (
+        f"this recipe needs a GPU (trainer.accelerator: {accelerator}) and this machine has none that torch can use "
+        f"(torch {torch.__version__}, torch.cuda.is_available() is False). To run it on the CPU anyway (slow: it is "
+        "sized for a GPU), add `--trainer.accelerator cpu`; to see its memory without a GPU, run "
+        f"`lightning-compact estimate --config {recipe}`; recipes/quickstart/ has recipes made for a CPU."
+    )
+
+
+class _ShortUsageParser(LightningArgumentParser):
+    # On a bad value, jsonargparse prints the whole usage (70+ lines for `fit`) above the
+    # one line that matters; point to --help instead.
+    def format_usage(self) -> str:
+        return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--KEY VALUE ...]\n"
 
 
 class CompactCLI(LightningCLI):
@@ -53,7 +105,28 @@ class CompactCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Re-running a recipe into the same log directory should not fail on config.yaml.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _ShortUsageParser)
+        # prog: the console script's name also under `python -m lightning_compact.cli`.
+        kwargs.setdefault("parser_kwargs", {"prog": "lightning-compact", "description": DESCRIPTION})
         super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Listed in `--help` only: main() hands `estimate` to the estimator before this parser runs.
+        estimate = self.init_parser(description=ESTIMATE_HELP, add_help=False)
+        parser._subcommands_action.add_subcommand("estimate", estimate, help=ESTIMATE_HELP)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "estimate":
+            raise ConfigError("`estimate` is not a Trainer command: run it through lightning_compact.cli.main([...])")
+        # Lightning checks the accelerator when it builds the Trainer and says only "No
+        # supported gpu backend found!"; say what to do before anything is built.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = config.get("trainer.accelerator")
+        recipes = [str(path) for path in config.get("config") or []]
+        message = _no_gpu_message(accelerator, recipes[-1] if recipes else "<recipe>") if isinstance(accelerator, str) else None
+        if message is not None:
+            raise ConfigError(message)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -89,7 +162,14 @@ def main(args: Sequence[str] | None = None) -> int:
         from lightning_compact.memory.estimator import main as estimate_main
 
         return estimate_main(argv[1:])
-    run_cli(argv)
+    try:
+        # None, not argv, when reading sys.argv: LightningCLI warns when given both.
+        run_cli(None if args is None else argv)
+    except (ConfigError, HubUnavailableError) as err:
+        # Both messages name the fix; a traceback through jsonargparse and Lightning would bury it.
+        command = next((a for a in argv if a in CompactCLI.subcommands()), None)
+        print(f"lightning-compact{' ' + command if command else ''}: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
     return 0
 
 

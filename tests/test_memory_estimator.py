@@ -146,8 +146,8 @@ def test_recipe_without_a_batch_size_says_which_keys_were_tried(tmp_path):
 def test_command_line_prints_every_variant_and_writes_chart_and_json(tmp_path, capsys):
     overrides = [f"{k}={v}" for k, v in SMALL.items()]
     png, out = tmp_path / "chart.png", tmp_path / "est.json"
-    code = main(["--model", "llama_60m", "--config-overrides", *overrides, "--batch-size", "2", "--seq-len", "32",
-                 "--precision", "32-true", "--rank", "0.25", "--plot", str(png), "--json", str(out)])
+    code = main(["--model", "llama_60m", "--model.config_overrides", *overrides, "--data.batch_size", "2", "--data.seq_len", "32",
+                 "--trainer.precision", "32-true", "--compact.rank", "0.25", "--plot", str(png), "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     for variant in variants([0.25]):
@@ -159,8 +159,8 @@ def test_command_line_prints_every_variant_and_writes_chart_and_json(tmp_path, c
 
 
 def test_command_line_reads_a_recipe_and_applies_overrides(tmp_path, capsys):
-    code = main(["--config", str(REPO / "recipes/pretrain/llama_60m_c4.yaml"), "--config-overrides", "num_hidden_layers=1",
-                 "--batch-size", "2", "--seq-len", "16", "--rank", "0.5", "--modes", "decompress", "--no-plot"])
+    code = main(["--config", str(REPO / "recipes/pretrain/llama_60m_c4.yaml"), "--model.config_overrides", "num_hidden_layers=1",
+                 "--data.batch_size", "2", "--data.seq_len", "16", "--compact.rank", "0.5", "--modes", "decompress", "--no_plot"])
     assert code == 0
     text = capsys.readouterr().out
     assert "batch 2 × seq 16" in text and "CompAct n/2 decompress" in text and "n/2 compressed" not in text
@@ -168,7 +168,7 @@ def test_command_line_reads_a_recipe_and_applies_overrides(tmp_path, capsys):
 
 def test_command_line_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
-        main(["--model", "gpt_5", "--no-plot"])
+        main(["--model", "gpt_5", "--no_plot"])
     assert "llama_7b" in capsys.readouterr().err
 
 

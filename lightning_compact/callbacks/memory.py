@@ -1,4 +1,4 @@
-"""``PeakMemoryMonitor``: peak GPU memory per epoch, saved-activation bytes and a per-category breakdown on any device."""
+"""``PeakMemoryMonitor``: peak GPU memory, saved-activation bytes and a per-category breakdown on any device, per epoch and every N steps."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ _BREAKDOWN_KEYS = [f"memory/breakdown/{name}_MiB" for name in (*CATEGORIES, "tot
 
 
 class PeakMemoryMonitor(Callback):
-    r"""Record the peak memory of training, per epoch.
+    r"""Record the peak memory of training, per epoch and every ``log_every_n_steps`` optimizer steps.
 
     Two measurements, and optionally a third:
 
@@ -40,8 +40,11 @@ class PeakMemoryMonitor(Callback):
       accumulation window (so it includes the optimizer step); in the first epoch that
       is the second optimizer step.
 
-    Values are the maximum over ranks under DDP. Logged keys (MiB, one value per epoch,
-    through ``trainer.loggers`` at ``trainer.global_step``):
+    Values are the maximum over ranks under DDP. They are logged through
+    ``trainer.loggers`` at ``trainer.global_step``, at the end of each training epoch and
+    every ``log_every_n_steps`` optimizer steps within it; each value is the peak since
+    the epoch started (a running maximum), so a streamed run with ``max_steps`` (one
+    epoch) shows its memory before it ends or runs out of memory. Logged keys (MiB):
 
     * ``memory/cuda_max_allocated_MiB``: only when training on CUDA.
     * ``memory/saved_activations_MiB``: saved-for-backward bytes of the largest step.
@@ -57,22 +60,33 @@ class PeakMemoryMonitor(Callback):
       taken at the moment of the total peak; under DDP each is the maximum over ranks.
 
     A summary table is printed on rank zero at the end of ``fit``, also with
-    ``logger=False``; :attr:`history` holds the same figures (bytes).
+    ``logger=False``; :attr:`history` holds the per-epoch figures (MiB, with ``epoch``).
 
     Args:
         track_saved_activations: set ``False`` to skip the saved-tensor hooks (they add
             a little Python work per saved tensor).
         breakdown: measure one step per epoch by category. That step runs under a
             ``TorchDispatchMode`` that sees every operation, so it is several times slower.
+        log_every_n_steps: also log every this many optimizer steps (``trainer.global_step``);
+            ``None`` follows the Trainer's ``log_every_n_steps``, ``0`` logs per epoch only.
 
     Raises:
         MisconfigurationException: ``breakdown=True`` on a torch without the
             ``MemTracker`` API it needs.
+        ValueError: a negative ``log_every_n_steps``.
     """
 
-    def __init__(self, track_saved_activations: bool = True, breakdown: bool = False) -> None:
+    def __init__(self, track_saved_activations: bool = True, breakdown: bool = False, log_every_n_steps: int | None = None) -> None:
+        valid = isinstance(log_every_n_steps, int) and not isinstance(log_every_n_steps, bool) and log_every_n_steps >= 0
+        if log_every_n_steps is not None and not valid:
+            raise ValueError(
+                f"PeakMemoryMonitor(log_every_n_steps={log_every_n_steps!r}): expected an int >= 0 "
+                "(0: per epoch only) or None (the Trainer's log_every_n_steps)"
+            )
         self.track_saved_activations = track_saved_activations
         self.breakdown = breakdown
+        self.log_every_n_steps = log_every_n_steps
+        self._last_logged_step = -1
         self._step_tracker: StepMemoryTracker | None = None
         self._epoch_breakdown: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -114,6 +128,14 @@ class PeakMemoryMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._close_step_tracker()
         self._close_tracker()
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        step = trainer.global_step
+        # global_step moves only on optimizer steps: with accumulation, log once per window.
+        # `trainer.loggers` is the same on every rank, so all ranks join the reduce or none.
+        if every and trainer.loggers and step > 0 and step % every == 0 and step != self._last_logged_step:
+            values = self._reduced(trainer, self._epoch_values(trainer))
+            if values:
+                self._log(trainer, values)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close_step_tracker()
@@ -139,7 +161,8 @@ class PeakMemoryMonitor(Callback):
             self._epoch_uncompressed = step.uncompressed_bytes
             self._epoch_compressed_layers = step.compressed_layers
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _epoch_values(self, trainer: pl.Trainer) -> dict[str, float]:
+        """This rank's peaks (MiB) since the epoch started."""
         values = {}
         if self._on_cuda(trainer):
             values["memory/cuda_max_allocated_MiB"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / _MIB
@@ -148,18 +171,31 @@ class PeakMemoryMonitor(Callback):
             if self._epoch_compressed_layers:
                 values["memory/saved_activations_uncompressed_MiB"] = self._epoch_uncompressed / _MIB
         values.update(self._epoch_breakdown)
-        # Every rank calls this hook, so the collective below lines up across ranks.
+        return values
+
+    @staticmethod
+    def _reduced(trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
+        # Every rank calls the hooks that call this, so the collective lines up across ranks.
         if trainer.world_size > 1 and values:
             reduced = trainer.strategy.reduce(
                 torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device),
                 reduce_op="max",
             )
             values = dict(zip(values, reduced.tolist()))
+        return values
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, float]) -> None:
+        self._last_logged_step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self._reduced(trainer, self._epoch_values(trainer))
         if not values:
             return
         self.history.append({"epoch": trainer.current_epoch, **values})
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+        if trainer.global_step != self._last_logged_step:  # else the step log just sent these values
+            self._log(trainer, values)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.history:

