@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compact.controller import CompAct
-from lightning_compact.layers import CompActLinear, ConversionReport
+from lightning_compact.layers import CompActLinear, ConversionReport, resolve_rank
 from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, rebind_lr_scheduler
 
 __all__ = ["CompActCallback"]
@@ -158,6 +158,10 @@ class CompActCallback(Callback):
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
     ) -> None:
+        try:
+            resolve_rank(rank, in_features=2)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"CompActCallback(rank={rank!r}): {err}") from err
         if grad_mode not in ("auto", "compressed", "decompressed"):
             raise MisconfigurationException(
                 f"CompActCallback(grad_mode={grad_mode!r}): must be 'auto', 'compressed' or 'decompressed'"

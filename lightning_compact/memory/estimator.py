@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact
+from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact, resolve_rank
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, format_bytes, format_table
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
 from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, RunShape, llama_module, model_config, read_recipe
@@ -342,12 +342,13 @@ def _rank(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or an int >= 1, got {text!r}") from None
-    if not value > 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"a rank must be > 0 (a fraction in (0, 1] or an int >= 1), got {text!r}")
-    if "." in text or "e" in text.lower() or value < 1:
-        return value
-    return int(value)
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or an int >= 1, got {text!r}") from None
+    rank: int | float = value if ("." in text or "e" in text.lower() or value < 1) else int(value)
+    try:
+        resolve_rank(rank, in_features=2)  # the one place ranks are validated
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return rank
 
 
 def _override(text: str) -> tuple[str, int | float]:
