@@ -4,7 +4,7 @@ Methods, all on the same LLaMA model, batch and precision:
 
 * ``baseline``: torch AdamW.
 * ``CompAct n/4|n/8 compressed``: the paper's method (compressed gradients, ``CompActAdamW``).
-* ``CompAct n/4|n/8 decompress``: gradient decompression, torch AdamW.
+* ``CompAct n/4|n/8 decompressed``: gradient decompression, torch AdamW.
 * ``checkpointing``: ``torch.utils.checkpoint`` around every decoder layer (non-reentrant), AdamW.
 * ``GaLore n/4``: ``galore_torch.GaLoreAdamW`` (``pip install galore-torch``) on the attention
   and MLP weights, rank = hidden/4, T = 200, scale 0.25 (GaLore's pretraining recipe,
@@ -120,7 +120,7 @@ def methods(shape: RunShape) -> dict[str, Callable[[str], tuple[nn.Module, torch
     """label -> builder(device), or a string saying why the method is skipped."""
     table: dict[str, Callable | str] = {"baseline": lambda device: build(shape, Variant(), device=device)}
     for rank in (0.25, 0.125):
-        for mode in ("compressed", "decompress"):
+        for mode in ("compressed", "decompressed"):
             variant = Variant(rank, mode)
             table[variant.label] = lambda device, v=variant: build(shape, v, device=device)
     table["checkpointing"] = lambda device: build_checkpointed(shape, device)

@@ -50,7 +50,7 @@ def run(model: str) -> list[dict]:
     rows = []
     for key in ("baseline", *RANKS):
         ours = {}
-        modes = ("baseline",) if key == "baseline" else ("compressed", "decompress")
+        modes = ("baseline",) if key == "baseline" else ("compressed", "decompressed")
         for mode in modes:
             variant = Variant() if key == "baseline" else Variant(RANKS[key], mode)
             result = estimate(shape, variant)
@@ -73,7 +73,7 @@ def render(rows: list[dict]) -> str:
         for r in mine:
             paper = r["paper_GB"]
             cells = [model, r["row"], f"{paper:.2f}" if paper is not None else "OOM", f"{ref['paper_GB'] - paper:.2f}" if paper else "-"]
-            for mode in ("compressed", "decompress"):
+            for mode in ("compressed", "decompressed"):
                 cells += [f"{ours(r, mode):.2f}", f"{ours(ref, mode) - ours(r, mode):.2f}"]
             lines.append(cells)
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]

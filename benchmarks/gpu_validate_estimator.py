@@ -42,7 +42,7 @@ from lightning_compact.memory.recipe import RunShape, read_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["recipes/pretrain/llama_60m_c4.yaml", "recipes/pretrain/llama_350m_c4.yaml"]
-VARIANTS = [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompress")]
+VARIANTS = [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")]
 TOLERANCE = 0.05
 GIB = 2**30
 

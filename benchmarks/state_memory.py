@@ -41,7 +41,7 @@ CONFIG = LlamaConfig(
     max_position_embeddings=128,
 )
 BATCH, SEQ = 8, 128
-RUNS = [("baseline", None), ("decompress", 0.25), ("compressed", 0.25), ("decompress", 0.125), ("compressed", 0.125)]
+RUNS = [("baseline", None), ("decompressed", 0.25), ("compressed", 0.25), ("decompressed", 0.125), ("compressed", 0.125)]
 
 
 def _bytes(tensors) -> int:

@@ -45,7 +45,7 @@ RUNS: dict[str, dict | None] = {
     "baseline": None,
     "compressed": dict(rank=0.25),  # paper-faithful mode, α = 1 (default)
     "compressed_a0.25": dict(rank=0.25, scale=0.25),  # the paper's pretraining α
-    "decompress": dict(rank=0.25, compress_optimizer=False),  # gradient decompression, plain AdamW
+    "decompress": dict(rank=0.25, grad_mode="decompressed"),  # gradient decompression, plain AdamW
 }
 
 

@@ -356,7 +356,8 @@ class CompActLinear(nn.Linear):
             seed=self.projection_keys,
             proj=self.projection_cache,
             projection=self.projection,
-            weight_delta=self.weight_delta,
+            # A weight frozen after conversion stays frozen: no Ĝ for it either.
+            weight_delta=self.weight_delta if self.weight.requires_grad else None,
             share_compressed=self.share_projection,
         )
 

@@ -67,8 +67,8 @@ def test_inductor_fullgraph_trains_like_eager(grad_mode):
             assert rel_err(gc, ge) < 1e-4
         opt_e.step(), opt_c.step()
         opt_e.zero_grad(), opt_c.zero_grad()
-    for pe, pc in zip(eager.parameters(), compiled_model.parameters()):
-        assert rel_err(pc, pe) < 1e-4
+    for (name, pe), pc in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        assert rel_err(pc, pe) < 1e-4, name
 
 
 @pytest.mark.parametrize("grad_mode, cache", [("compressed", True), ("decompressed", False)])

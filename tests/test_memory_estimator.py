@@ -26,7 +26,7 @@ def small_shape(**changes) -> RunShape:
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
-@pytest.mark.parametrize("variant", [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompress")], ids=lambda v: v.label)
+@pytest.mark.parametrize("variant", [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")], ids=lambda v: v.label)
 def test_fake_step_matches_real_step_per_category(variant, precision):
     shape = small_shape(precision=precision)
     fake, real = estimate(shape, variant), estimate(shape, variant, fake=False)
@@ -48,7 +48,7 @@ def test_table1_formula_equals_measured_savings_on_llama(precision):
     # saves its own bf16 cast of the float32 input).
     shape = small_shape(precision=precision)
     base = estimate(shape)
-    for mode in ("compressed", "decompress"):
+    for mode in ("compressed", "decompressed"):
         compact = estimate(shape, Variant(0.25, mode))
         saved = compact.table1.savings()
         assert saved["gradients"] == base.step.largest.gradients - compact.step.largest.gradients
@@ -59,7 +59,7 @@ def test_table1_formula_equals_measured_savings_on_llama(precision):
 
 
 def test_shared_inputs_count_once_in_the_formula():
-    compact = estimate(small_shape(), Variant(0.25, "decompress"))
+    compact = estimate(small_shape(), Variant(0.25, "decompressed"))
     before, after = compact.table1.activations
     tokens, d, f, layers = 4 * 64, SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["num_hidden_layers"]
     # Per layer: one input for q/k/v, one for gate/up, one for down (o_proj is not converted).
@@ -160,10 +160,10 @@ def test_command_line_prints_every_variant_and_writes_chart_and_json(tmp_path, c
 
 def test_command_line_reads_a_recipe_and_applies_overrides(tmp_path, capsys):
     code = main(["--config", str(REPO / "recipes/pretrain/llama_60m_c4.yaml"), "--model.config_overrides", "num_hidden_layers=1",
-                 "--data.batch_size", "2", "--data.seq_len", "16", "--compact.rank", "0.5", "--modes", "decompress", "--no_plot"])
+                 "--data.batch_size", "2", "--data.seq_len", "16", "--compact.rank", "0.5", "--modes", "decompressed", "--no_plot"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "batch 2 × seq 16" in text and "CompAct n/2 decompress" in text and "n/2 compressed" not in text
+    assert "batch 2 × seq 16" in text and "CompAct n/2 decompressed" in text and "n/2 compressed" not in text
 
 
 def test_command_line_rejects_an_unknown_model(capsys):

@@ -78,8 +78,8 @@ __all__ = [
 # The paper's pretraining ranks: fractions of each layer's input size.
 DEFAULT_RANKS: tuple[float, ...] = (0.5, 0.25, 0.125)
 # CompAct's two gradient modes: "compressed" (the paper's: Ĝ and Adam moments in r-space,
-# CompActAdamW) and "decompress" (full-size .grad, any optimizer).
-MODES: tuple[str, ...] = ("compressed", "decompress")
+# CompActAdamW) and "decompressed" (full-size .grad, any optimizer): functional.GRAD_MODES.
+MODES: tuple[str, ...] = ("compressed", "decompressed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +347,7 @@ def _rank(text: str) -> int | float:
     try:
         resolve_rank(rank, in_features=2)  # the one place ranks are validated
     except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: {err}") from None
     return rank
 
 
