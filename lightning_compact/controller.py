@@ -289,7 +289,9 @@ class CompAct:
             delta = layer.weight_delta
             if delta.grad is None:
                 continue
-            full = delta.grad @ layer.projection_matrix(dtype=delta.grad.dtype).t()
+            full = delta.grad @ layer.projection_matrix(dtype=delta.grad.dtype).t()  # [out, in]
+            if layer.transposed:
+                full = full.t()
             w = layer.weight
             w.grad = full.to(w.dtype) if w.grad is None else w.grad.add_(full)
             delta.grad = None

@@ -33,6 +33,7 @@ from lightning_compact.projection import PROJECTIONS, Projection, build_projecti
 
 __all__ = [
     "CompActConfig",
+    "CompActConv1D",
     "CompActLinear",
     "ConversionReport",
     "DEFAULT_EXCLUDED_MODULES",
@@ -58,6 +59,7 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "o_proj": "attention output",
     "out_proj": "attention output",
     "attention.output.dense": "attention output",
+    "attn.c_proj": "attention output",  # GPT-2's (its MLP output, mlp.c_proj, is converted)
 }
 
 # The attribute of a weight_delta Parameter that points (weakly) at its layer.
@@ -195,10 +197,11 @@ class CompActLinear(nn.Linear):
     delta_materialized: bool
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
-        """Wrap ``linear``'s own Parameters (no copy) in a new ``CompActLinear``."""
+    def from_linear(cls, linear: nn.Module, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
+        """Wrap ``linear``'s own Parameters (no copy) in a new layer of this class."""
+        in_features, out_features = _shape_of(linear)
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=False)
+            new = cls(in_features, out_features, bias=False)
         new.weight = linear.weight
         new.bias = linear.bias
         _copy_hooks(linear, new)
@@ -214,7 +217,7 @@ class CompActLinear(nn.Linear):
         new.window = 0
         new.cache_mode = config.cache_projections
         new.register_buffer(
-            "projection_keys", torch.tensor(seed_keys(new.seed), dtype=torch.int32, device=new.weight.device),
+            "projection_keys", torch.tensor(seed_keys(new.seed), dtype=torch.int32, device=linear.weight.device),
             persistent=False,
         )
         new.register_buffer("projection_cache", None, persistent=False)
@@ -343,14 +346,20 @@ class CompActLinear(nn.Linear):
 
     # -- forward ------------------------------------------------------------------------
 
+    transposed: bool = False  # True where the Parameter is stored [in, out] (transformers' Conv1D)
+
+    def linear_weight(self) -> torch.Tensor:
+        """The weight in ``nn.Linear``'s ``[out, in]`` layout (a view of the Parameter)."""
+        return self.weight.t() if self.transposed else self.weight
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return F.linear(input, self.weight, self.bias)
+            return F.linear(input, self.linear_weight(), self.bias)
         if self.cache_mode == "auto" and not torch.compiler.is_compiling():
             self._decide_cache(input)
         return compact_linear(
             input,
-            self.weight,
+            self.linear_weight(),
             self.bias,
             rank=self.rank,
             seed=self.projection_keys,
@@ -372,8 +381,8 @@ class CompActLinear(nn.Linear):
         else:
             self.cache_mode = self.projection_cache is not None
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with this layer's very Parameters and hooks (``weight_delta`` dropped)."""
+    def to_plain(self) -> nn.Module:
+        """The plain layer (``nn.Linear``) with this layer's very Parameters and hooks (``weight_delta`` dropped)."""
         with torch.device("meta"):
             plain = nn.Linear(self.in_features, self.out_features, bias=False)
         plain.weight = self.weight
@@ -385,6 +394,52 @@ class CompActLinear(nn.Linear):
     def extra_repr(self) -> str:
         mode = ", grad_mode=compressed" if self.weight_delta is not None else ""
         return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}{mode}"
+
+
+class CompActConv1D(CompActLinear):
+    """CompAct for transformers' ``Conv1D`` (GPT-2 family): the same layer over a weight stored ``[in, out]``.
+
+    The Parameters are the original ``Conv1D``'s (``state_dict`` keys and shapes unchanged);
+    the layer computes with ``weight.t()``, so everything else, the compressed gradient
+    included, is :class:`CompActLinear`'s. :meth:`to_plain` gives the ``Conv1D`` back.
+    """
+
+    transposed = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._plain_class: type[nn.Module] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, rank: int, name: str, config: CompActConfig) -> CompActLinear:
+        new = super().from_linear(linear, rank=rank, name=name, config=config)
+        new._plain_class = type(linear)
+        return new
+
+    def to_plain(self) -> nn.Module:
+        plain = self._plain_class.__new__(self._plain_class)
+        nn.Module.__init__(plain)
+        plain.nf, plain.nx = self.out_features, self.in_features
+        plain.weight = self.weight
+        plain.bias = self.bias
+        _copy_hooks(self, plain)
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"nx={self.in_features}, nf={self.out_features}, " + super().extra_repr()
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognised without importing transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer or a ``Conv1D``."""
+    if _is_conv1d(module):
+        return int(module.nx), int(module.nf)
+    return module.in_features, module.out_features
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -423,8 +478,9 @@ def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig)
         return f"{why} ({excluded_by!r})"
     if torch.nn.utils.parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
         return "weight is computed (parametrization or weight_norm): not a Parameter to reuse"
-    if rank >= module.in_features:
-        return f"rank {rank} >= in_features {module.in_features}"
+    in_features = _shape_of(module)[0]
+    if rank >= in_features:
+        return f"rank {rank} >= in_features {in_features}"
     return None
 
 
@@ -475,16 +531,24 @@ def convert_to_compact(
         raise TypeError("convert_to_compact swaps layers inside a module; wrap a bare nn.Linear in a container first")
     report = ConversionReport()
 
+    # Who holds each Parameter directly: a weight held twice (tied to an embedding or to
+    # another layer) has a gradient from elsewhere too, which compression would get wrong.
+    holders: dict[int, list[str]] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for _, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append(mod_name)
+
     def visit(parent: nn.Module, prefix: str) -> None:
         # Post-order: children first, then swap them in their parent.
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             visit(child, name)
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, nn.Linear) and not _is_conv1d(child):
                 continue
-            report.shapes[name] = (child.in_features, child.out_features)
+            in_features = _shape_of(child)[0]
+            report.shapes[name] = _shape_of(child)
             if isinstance(child, CompActLinear):
-                wanted = dict(rank=resolve_rank(config.rank, child.in_features), projection=config.projection,
+                wanted = dict(rank=resolve_rank(config.rank, in_features), projection=config.projection,
                               share_projection=config.share_projection)
                 have = _settings_of(child)
                 if have != wanted:
@@ -498,12 +562,18 @@ def convert_to_compact(
             if module_filter_fn is not None and not module_filter_fn(child, name):
                 report.skipped[name] = "not selected by the filter"
                 continue
-            layer_rank = resolve_rank(config.rank, child.in_features)
+            layer_rank = resolve_rank(config.rank, in_features)
             reason = _skip_reason(name, child, layer_rank, config)
+            if reason is None and isinstance(parent, nn.MultiheadAttention):
+                reason = "nn.MultiheadAttention reads this weight directly (its forward never runs)"
+            others = [h for h in holders.get(id(child.weight), []) if h != name]
+            if reason is None and others:
+                reason = f"weight shared with {others[0]}"
             if reason is not None:
                 report.skipped[name] = reason
                 continue
-            new = CompActLinear.from_linear(child, rank=layer_rank, name=name, config=config)
+            cls = CompActConv1D if _is_conv1d(child) else CompActLinear
+            new = cls.from_linear(child, rank=layer_rank, name=name, config=config)
             setattr(parent, child_name, new)
             report.converted[name] = new
 
@@ -534,6 +604,6 @@ def restore_linear(module: nn.Module) -> nn.Module:
     for name, child in list(module.named_modules()):
         for child_name, grandchild in list(child.named_children()):
             if isinstance(grandchild, CompActLinear):
-                setattr(child, child_name, grandchild.to_linear())
+                setattr(child, child_name, grandchild.to_plain())
     _REPORTS.pop(module, None)
     return module

@@ -216,7 +216,7 @@ class CompActAdamW(Optimizer):
         if compressed:
             updates = torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed])
             for i, update in zip(compressed, updates):
-                w = targets[i]
+                w = layers[i].linear_weight()  # [out, in], a view where the Parameter is stored transposed
                 proj = layers[i].projection_matrix(dtype=w.dtype)  # [n, r], the P the gradient was made with
                 # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
                 w.addmm_(update.to(w.dtype), proj.t(), alpha=-step_sizes[i] * group["scale"])

@@ -225,3 +225,43 @@ def test_forward_hooks_with_kwargs_survive_the_swap():
     convert_to_compact(model, rank=4)
     model(torch.randn(2, 16))
     assert seen == [{}]
+
+
+def test_weights_shared_with_another_module_are_skipped_with_the_holder_named():
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.Linear(16, 10))
+    model[2].weight = model[0].weight  # a head tied to the embedding, not named like a head
+    report = conversion_report(convert_to_compact(model, rank=4))
+    assert report.skipped["2"] == "weight shared with 0" and "1" in report.converted
+
+
+def test_multihead_attention_out_proj_is_never_listed_as_converted():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1)
+    report = conversion_report(convert_to_compact(model, config=CompActConfig(rank=4, default_exclusions=False)))
+    assert "MultiheadAttention" in report.skipped["layers.0.self_attn.out_proj"]
+    assert set(report.converted) == {"layers.0.linear1", "layers.0.linear2"}
+
+
+def test_gpt2_conv1d_layers_are_converted_natively_and_restored():
+    transformers = pytest.importorskip("transformers")
+    from lightning_compact.layers import CompActConv1D
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 64, (2, 8))
+    ref = model(tokens, labels=tokens).loss
+    convert_to_compact(model, config=CompActConfig(rank=4, grad_mode="compressed"))
+    report = conversion_report(model)
+    assert set(report.converted) == {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    assert "attention output" in report.skipped["transformer.h.0.attn.c_proj"]
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys  # [in, out] storage kept
+    loss = model(tokens, labels=tokens).loss
+    assert torch.equal(loss, ref)
+    loss.backward()
+    fc = report.converted["transformer.h.0.mlp.c_fc"]
+    assert isinstance(fc, CompActConv1D) and fc.weight.grad is None and fc.weight_delta.grad.shape == (128, 4)
+    restore_linear(model)
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    assert torch.equal(model(tokens, labels=tokens).loss, ref)
