@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
-    ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm())
+    ref = ref.detach().double()
+    return float((out.detach().double() - ref).norm() / ref.norm())
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, torch.Tensor]:
