@@ -7,6 +7,7 @@ backward, AdamW step), so ratios compare like with like.
 
     python benchmarks/lean_memory.py                        # tiny and paper-cpu, fp32 and bf16 autocast
     python benchmarks/lean_memory.py --shapes tiny --quick  # a smoke run
+    python benchmarks/lean_memory.py --precisions bf16 --repeats 0   # saved bytes only (bf16 is slow on CPU)
     python benchmarks/lean_memory.py --out benchmarks/results/lean_memory_cpu.json
 
 Saved activations: unique storages kept for backward in one step
@@ -78,8 +79,8 @@ def run_shape(shape: str, bf16: bool, repeats: int) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
         saved[name], losses[name] = tracker.result().bytes, float(loss.detach())
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
+    times: dict[str, list[float]] = {name: [float("nan")] if not repeats else [] for name in models}
+    for name, model in (models.items() if repeats else ()):  # warm-up
         step(model, tokens, optims[name], bf16)
     for _ in range(repeats):  # interleaved so drift hits every configuration alike
         for name, model in models.items():
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["tiny", "paper-cpu"])
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (after 1 warm-up); 0: saved bytes only")
     parser.add_argument("--quick", action="store_true", help="1 timed step: a smoke run")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -308,6 +308,7 @@ def test_causal_lm_loss_shifts_labels_like_the_next_token_loss():
 def test_default_chunk_keeps_chunk_logits_near_the_size_of_the_hidden_states():
     c = default_chunk_size(tokens=8192, hidden=1024, vocab=32000)
     assert c & (c - 1) == 0 and 8192 * 1024 <= 2 * c * 32000 and c * 32000 <= 2 * 8192 * 1024
+    assert default_chunk_size(tokens=8192, hidden=1024, vocab=32000, min_chunk=1024) == 1024  # the CPU floor
 
 
 def test_lean_ops_trace_into_one_graph_with_torch_compile():

@@ -26,10 +26,18 @@ __all__ = ["causal_lm_loss", "chunked_linear_cross_entropy", "default_chunk_size
 Backend = Literal["auto", "torch", "liger", "cce"]
 
 
-def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
-    """liger-kernel's rule: chunks whose logits are about the size of the hidden states (a power of two)."""
+# On CPU, each chunk adds its [vocab, hidden] share of dW with a matmul of inner size
+# `chunk`, which is memory-bound for small chunks: at 1024 x 256 hidden x 8000 vocab,
+# 32-token chunks made the loss 6.5x slower than the plain path, 256 tokens 1.9x,
+# 1024 tokens 1.0x (benchmarks/RESULTS.md §6).
+CPU_MIN_CHUNK = 1024
+
+
+def default_chunk_size(tokens: int, hidden: int, vocab: int, min_chunk: int = 1) -> int:
+    """liger-kernel's rule: chunks whose logits are about the size of the hidden states
+    (a power of two), and at least ``min_chunk`` tokens."""
     chunk = max(1, math.ceil(tokens / max(1, math.ceil(vocab / hidden))))
-    return 1 << (chunk - 1).bit_length()
+    return max(1 << (chunk - 1).bit_length(), min_chunk)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -86,7 +94,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = g @ w
                 if need_w:
-                    grad_w += g.t() @ h
+                    if acc == compute_dtype:
+                        grad_w.addmm_(g.t(), h)  # in place: no [vocab, hidden] temporary per chunk
+                    else:
+                        grad_w += g.t() @ h
             loss = loss * scale
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -141,7 +152,8 @@ def chunked_linear_cross_entropy(
         targets: class indices shaped like ``hidden.shape[:-1]``; ``ignore_index`` entries
             do not count (the mean is over the others, as ``F.cross_entropy`` takes it).
         bias: optional ``[vocab]`` head bias.
-        chunk_size: tokens per chunk; default :func:`default_chunk_size`.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least
+            :data:`CPU_MIN_CHUNK` tokens on CPU).
         reduction: ``"mean"`` or ``"sum"``.
         backend: ``"torch"`` (this module; any device), ``"liger"`` / ``"cce"`` (the CUDA
             kernels of liger-kernel / cut-cross-entropy), ``"auto"`` (one of those on CUDA
@@ -166,7 +178,8 @@ def chunked_linear_cross_entropy(
         from cut_cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy(h, weight, t, bias=bias, ignore_index=ignore_index, reduction=reduction)
-    chunk = chunk_size or default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
+    min_chunk = CPU_MIN_CHUNK if h.device.type == "cpu" else 1
+    chunk = chunk_size or default_chunk_size(h.shape[0], h.shape[1], weight.shape[0], min_chunk)
     if not torch.is_grad_enabled():
         # needs_input_grad ignores no_grad: detach so evaluation computes no gradients.
         h, weight, bias = h.detach(), weight.detach(), bias.detach() if bias is not None else None
