@@ -38,21 +38,23 @@ SHAPES = {
     "tiny": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
     "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
 }
-CONFIGS = {  # name: (lean, CompAct rank)
-    "baseline": (False, None),
-    "lean": (True, None),
-    "compact r=n/8": (False, 0.125),
-    "lean + compact r=n/8": (True, 0.125),
+ALL = {"norms": True, "mlp": True, "loss": True}
+CONFIGS = {  # name: (apply_lean options or None, CompAct rank)
+    "baseline": (None, None),
+    "lean": (ALL, None),
+    "compact r=n/8": (None, 0.125),
+    "lean + compact r=n/8": (ALL, 0.125),
 }
+BREAKDOWN = {f"lean {part} only": ({k: k == part for k in ALL}, None) for part in ALL}
 MIB = 2**20
 
 
-def build(base: LlamaForCausalLM, lean: bool, rank: float | None) -> LlamaForCausalLM:
+def build(base: LlamaForCausalLM, lean: dict[str, bool] | None, rank: float | None) -> LlamaForCausalLM:
     model = copy.deepcopy(base)
     if rank is not None:
         convert_to_compact(model, config=CompActConfig(rank=rank))
-    if lean:
-        apply_lean(model)
+    if lean is not None:
+        apply_lean(model, **lean)
     return model.train()
 
 
@@ -64,12 +66,13 @@ def step(model: LlamaForCausalLM, tokens: torch.Tensor, optimizer: torch.optim.O
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_shape(shape: str, bf16: bool, repeats: int) -> dict:
+def run_shape(shape: str, bf16: bool, repeats: int, breakdown: bool = False) -> dict:
     config, batch, seq = SHAPES[shape]
     tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    models = {name: build(base, lean, rank) for name, (lean, rank) in CONFIGS.items()}
+    configs = {**CONFIGS, **(BREAKDOWN if breakdown else {})}
+    models = {name: build(base, lean, rank) for name, (lean, rank) in configs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     saved, losses = {}, {}
     for name, model in models.items():
@@ -115,11 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (after 1 warm-up); 0: saved bytes only")
     parser.add_argument("--quick", action="store_true", help="1 timed step: a smoke run")
+    parser.add_argument("--breakdown", action="store_true", help="also each lean option alone (norms, mlp, loss)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, lightning {lightning.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
-    results = [run_shape(s, p == "bf16", repeats) for s in args.shapes for p in args.precisions]
+    results = [run_shape(s, p == "bf16", repeats, args.breakdown) for s in args.shapes for p in args.precisions]
     out = {
         "runs": results,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
