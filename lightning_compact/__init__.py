@@ -1,6 +1,7 @@
 """lightning-compact: CompAct (compressed activations, arXiv 2410.15352) for PyTorch Lightning."""
 
 from lightning_compact.callbacks.compact import CompActCallback
+from lightning_compact.callbacks.lean import LeanActivations
 from lightning_compact.callbacks.memory import PeakMemoryMonitor
 from lightning_compact.controller import CompAct
 from lightning_compact.functional import compact_linear
@@ -11,6 +12,7 @@ from lightning_compact.layers import (
     convert_to_compact,
     restore_linear,
 )
+from lightning_compact.lean import apply_lean
 from lightning_compact.optim import CompActAdamW
 from lightning_compact.projection import make_projection
 
@@ -20,7 +22,9 @@ __all__ = [
     "CompActCallback",
     "CompActConfig",
     "CompActLinear",
+    "LeanActivations",
     "PeakMemoryMonitor",
+    "apply_lean",
     "compact_linear",
     "conversion_report",
     "convert_to_compact",

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compact.lean.activations import swiglu
+from lightning_compact.lean.cross_entropy import causal_lm_loss
+from lightning_compact.lean.norms import rms_norm
+
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LLAMA_PRESETS"]
 
 
@@ -29,6 +33,9 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    # Memory-lean RMSNorm, SwiGLU and chunked lm_head + loss (lightning_compact.lean):
+    # same outputs and gradients, fewer saved activations, no matmul recomputed.
+    lean: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -52,12 +59,15 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, lean: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return rms_norm(x, self.weight, self.eps)
         # Statistics in fp32 for stability, as Hugging Face's LlamaRMSNorm does.
         dtype = x.dtype
         x32 = x.float()
@@ -116,17 +126,20 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        self.lean = config.lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.lean)
         self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.lean)
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.lean)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -160,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Loss from the hidden states in chunks (no [tokens, vocab] logits); see forward.
+        self.lean_loss = config.lean
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -177,7 +192,11 @@ class LlamaForCausalLM(nn.Module):
             nn.init.normal_(layer.mlp.down_proj.weight, std=residual_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.lm_head(self.model(input_ids))
+        hidden = self.model(input_ids)
+        # Only a plain head: a converted one (e.g. CompActLinear) must run its own forward.
+        if labels is not None and self.lean_loss and type(self.lm_head) is nn.Linear:
+            return causal_lm_loss(hidden, self.lm_head.weight, labels)
+        logits = self.lm_head(hidden)
         if labels is None:
             return logits
         # Next-token prediction: position t predicts labels[t + 1]; -100 is ignored.
