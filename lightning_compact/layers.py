@@ -60,6 +60,8 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "out_proj": "attention output",
     "attention.output.dense": "attention output",
     "attn.c_proj": "attention output",  # GPT-2's (its MLP output, mlp.c_proj, is converted)
+    "SelfAttention.o": "attention output",  # T5's
+    "EncDecAttention.o": "attention output",
 }
 
 # The attribute of a weight_delta Parameter that points (weakly) at its layer.

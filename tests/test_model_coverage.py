@@ -160,15 +160,14 @@ FAMILIES = {
                  "classifier.out_proj": "output head"},
         **_BERT_LIKE,
     ),
-    # T5 names its attention output "o", which no default exclusion names: it is converted,
-    # unlike o_proj / out_proj / attention.output.dense in the other families.
+    # T5 names its attention outputs "o": excluded by name, like o_proj / out_proj elsewhere.
     "t5": Family(
         _t5, _lm_loss,
-        converted={"SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
-                   "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
+        converted={"SelfAttention.q", "SelfAttention.k", "SelfAttention.v",
+                   "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
                    "DenseReluDense.wi", "DenseReluDense.wo"},
-        skipped={"lm_head": "output head"},
-        n_converted=6 * LAYERS + 10 * LAYERS,  # encoder blocks: self-attention + MLP; decoder: + cross-attention
+        skipped={"lm_head": "output head", "SelfAttention.o": "attention output", "EncDecAttention.o": "attention output"},
+        n_converted=5 * LAYERS + 8 * LAYERS,  # encoder blocks: self-attention + MLP; decoder: + cross-attention
     ),
     "vit": Family(
         _vit, _vit_loss,
