@@ -40,3 +40,34 @@ def test_lstsq_carry_is_the_projection_of_the_old_moment_onto_the_new_basis():
     assert torch.allclose(raw, moment @ p_old.t() @ p_new, atol=1e-10)
     zero, _ = transfer_moments(moment, second, p_old, p_new, "reset")
     assert zero.abs().sum() == 0 and zero.shape == (m, r_new)
+
+
+def test_carry_optimizer_moves_moments_when_the_seed_changes():
+    from torch import nn
+
+    from lightning_compact.ablations import CarryCompActAdamW
+    from lightning_compact.layers import CompActConfig, compressed_grad_of, convert_to_compact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, bias=False), nn.Linear(8, 4, bias=False))
+    report = convert_to_compact(model, config=CompActConfig(rank=4, compress_grad=True))
+    layer = report.converted["0"]
+    opt = CarryCompActAdamW(model.parameters(), lr=1e-2, weight_decay=0.0, carry="reset")
+    x = torch.randn(10, 16)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        g = compressed_grad_of(layer.weight).value.clone()
+        opt.step()
+        return g
+
+    step()
+    step()  # same window: nothing to transfer
+    assert opt.transfers == 0
+    for m in report.converted.values():
+        m.window = 1  # a resample
+    g = step()
+    assert opt.transfers == len(report.converted)
+    # Reset: the first moment restarts from zero in the new basis, so after one step it is (1 - β₁)·Ĝ.
+    assert torch.allclose(opt.state[layer.weight]["exp_avg"], 0.1 * g, atol=1e-7)
