@@ -186,7 +186,6 @@ def _worker(job: tuple[str, int, Settings, str]) -> str:
 def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """Per run: mean and spread (sample std, min, max) of the final loss and perplexity over seeds."""
     base = [r for r in results if r["run"] == "baseline"]
-    base_ppl = statistics.fmean(r["val_ppl"] for r in base) if base else None
     base_by_seed = {r["seed"]: r["val_ppl"] for r in base}
     rows = []
     for name in names:
@@ -200,7 +199,11 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
             "val_loss_mean": statistics.fmean(losses), "val_loss_std": statistics.stdev(losses) if len(rs) > 1 else 0.0,
             "val_ppl_mean": statistics.fmean(ppls), "val_ppl_std": statistics.stdev(ppls) if len(rs) > 1 else 0.0,
             "val_ppl_min": min(ppls), "val_ppl_max": max(ppls),
-            "ppl_ratio_to_baseline": statistics.fmean(ppls) / base_ppl if base_ppl else None,
+            # Against the baseline's mean over the same seeds (runs may have fewer seeds).
+            "ppl_ratio_to_baseline": (
+                statistics.fmean(ppls) / statistics.fmean(base_by_seed[r["seed"]] for r in rs)
+                if all(r["seed"] in base_by_seed for r in rs) else None
+            ),
             "paired_ratio_min": min(paired) if paired else None, "paired_ratio_max": max(paired) if paired else None,
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in rs),
         })
@@ -281,10 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     jobs = [(n, k, settings, str(_run_path(args.out, n, k, settings))) for k in seeds for n in names]
-    # Seed 0 of every run first, then the paper's runs (baseline and both modes) for the
-    # other seeds, then the rest: an interrupted benchmark still has complete main rows.
-    main_runs = {"baseline", "compressed_n4", "decompress_n4", "compressed_n8", "decompress_n8"}
-    jobs.sort(key=lambda j: (0 if j[1] == seeds[0] else 1 if j[0] in main_runs else 2, seeds.index(j[1]), names.index(j[0])))
+    # The first seed of every run first, then the other seeds run by run in --runs order:
+    # an interrupted benchmark still has complete rows for the runs listed first.
+    jobs.sort(key=lambda j: (j[1] != seeds[0], names.index(j[0]), seeds.index(j[1])))
     todo = [j for j in jobs if not Path(j[3]).exists()]
     if todo and not args.report_only:
         print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} already on disk), {args.jobs} at a time", flush=True)
