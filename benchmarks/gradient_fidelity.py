@@ -11,7 +11,7 @@ weight gradient ``G`` is compared with what CompAct gives for a fixed projection
   converted weight, in both modes, lies in that subspace.
 
 Averaged over ``--draws`` projections, for the paper's Gaussian P and the
-orthogonalised one of ``lightning_compact.ablations``.
+orthogonalised one (``projection="orthogonal"``).
 
 Usage::
 
@@ -41,7 +41,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from lightning_compact.ablations import orthogonal_projection
     from lightning_compact.data import PretrainDataModule
     from lightning_compact.models.causal_lm import build_llama
     from lightning_compact.projection import make_projection
@@ -68,7 +67,7 @@ def main() -> None:
                     if kind == "gaussian":
                         p = make_projection(n, r, seed, dtype=torch.float64)
                     else:
-                        p = orthogonal_projection(n, r, seed, dtype=torch.float64)
+                        p = make_projection(n, r, seed, dtype=torch.float64, projection="orthogonal")
                     est = g @ p @ p.t()
                     cos.append(float((est * g).sum() / (est.norm() * g.norm())))
                     q, _ = torch.linalg.qr(p)

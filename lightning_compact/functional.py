@@ -53,16 +53,16 @@ def observe_compressed_inputs(observer: Callable[[torch.Tensor, torch.Tensor], N
         _OBSERVERS.remove(observer)
 
 
-def _projection(in_features: int, rank: int, proj, keys, gaussian: bool, dtype: torch.dtype) -> torch.Tensor:
+def _projection(in_features: int, rank: int, proj, keys, kind: str, dtype: torch.dtype) -> torch.Tensor:
     if proj is not None:
         return proj if proj.dtype == dtype else proj.to(dtype)
-    return build_projection(in_features, rank, keys, projection="gaussian" if gaussian else "rademacher", dtype=dtype)
+    return build_projection(in_features, rank, keys, projection=kind, dtype=dtype)
 
 
 class _CompActLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input, weight, bias, weight_delta, compressed, proj, keys, rank: int, gaussian: bool
+        ctx, input, weight, bias, weight_delta, compressed, proj, keys, rank: int, kind: str
     ):
         # ``compressed`` (x·P) is made by compact_linear, outside autograd, so layers that
         # share an input and a projection can share it too.
@@ -77,7 +77,7 @@ class _CompActLinearFunction(torch.autograd.Function):
             keys if decompress and proj is None else None,
         )
         ctx.input_shape = input.shape
-        ctx.rank, ctx.gaussian = rank, gaussian
+        ctx.rank, ctx.kind = rank, kind
         ctx.delta_dtype = weight_delta.dtype if weight_delta is not None else None
         return output
 
@@ -95,7 +95,7 @@ class _CompActLinearFunction(torch.autograd.Function):
             grad_delta = (grad_2d.to(compressed.dtype).t() @ compressed).to(ctx.delta_dtype)
         elif ctx.needs_input_grad[1] and ctx.delta_dtype is None:
             grad_compressed = grad_2d.to(compressed.dtype).t() @ compressed  # Ĝ: [m, r]
-            p = _projection(ctx.input_shape[-1], ctx.rank, proj, keys, ctx.gaussian, compressed.dtype)
+            p = _projection(ctx.input_shape[-1], ctx.rank, proj, keys, ctx.kind, compressed.dtype)
             grad_weight = grad_compressed @ p.t()  # [m, n]
         if ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
@@ -126,7 +126,7 @@ def compact_linear(
             graph free of the seed's value). Not needed when ``proj`` is given.
         proj: ``P`` itself (``[in_features, rank]``), e.g. a per-window cache; it must be
             the projection of ``seed`` if both are given.
-        projection: ``"gaussian"`` or ``"rademacher"`` (used when ``P`` is built here).
+        projection: ``"gaussian"``, ``"orthogonal"`` or ``"rademacher"`` (used when ``P`` is built here).
         weight_delta: compressed gradient mode: a ``[out_features, rank]`` tensor that
             requires grad and whose ``.grad`` receives ``Ĝ`` (``weight.grad`` is left
             alone). ``None``: decompressed mode, ``weight.grad`` receives ``Ĝ Pᵀ``.
@@ -155,7 +155,6 @@ def compact_linear(
             raise ValueError("pass seed=... or proj=...")
         keys = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed_keys(seed), dtype=torch.int32)
         keys = keys.to(input.device)
-    gaussian = projection == "gaussian"
     source = input
     device_type = input.device.type
     autocast = torch.is_autocast_enabled(device_type)
@@ -177,13 +176,13 @@ def compact_linear(
             compressed = _SHARED_COMPRESSION.get(source, key)
         if compressed is None:
             with torch.no_grad():
-                p = _projection(n, rank, proj, keys, gaussian, input.dtype)
+                p = _projection(n, rank, proj, keys, projection, input.dtype)
                 compressed = input.reshape(-1, n) @ p
             if sharing:
                 _SHARED_COMPRESSION.put(source, key, compressed)
         for observer in _OBSERVERS:
             observer(input, compressed)
-    args = (input, weight, bias, weight_delta, compressed, proj, keys, rank, gaussian)
+    args = (input, weight, bias, weight_delta, compressed, proj, keys, rank, projection)
     if autocast:
         with torch.autocast(device_type, enabled=False):
             return _CompActLinearFunction.apply(*args)

@@ -33,8 +33,8 @@ __all__ = [
     "window_for_step",
 ]
 
-Projection = Literal["gaussian", "rademacher"]
-PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+Projection = Literal["gaussian", "rademacher", "orthogonal"]
+PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthogonal")
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _MAX_ENTRIES = 2**31 - 1
@@ -82,13 +82,13 @@ def _hash_bits(numel: int, keys: torch.Tensor) -> torch.Tensor:
     return _mix32_(h)
 
 
-def _build(in_features: int, rank: int, keys: torch.Tensor, gaussian: bool, dtype: torch.dtype) -> torch.Tensor:
+def _build(in_features: int, rank: int, keys: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     # The keys are a tensor, not Python ints, so a compiled graph reads them as data: a
     # new seed or window never recompiles. The scale is derived here from the (symbolic,
     # when compiled) rank: a float argument would be specialised for every rank.
     scale = rank**-0.5
     bits = _hash_bits(in_features * rank, keys)
-    if not gaussian:
+    if kind == "rademacher":
         signs = (bits >> 31) | 1  # the sign bit as -1 or +1
         return (signs.to(dtype) * scale).view(in_features, rank)
     work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -96,6 +96,13 @@ def _build(in_features: int, rank: int, keys: torch.Tensor, gaussian: bool, dtyp
     # symmetric about 0 on (-1, 1); the inverse normal CDF √2·erfinv(v) makes it Gaussian.
     odd = ((bits >> 8) & 0xFFFFFF) * 2 + (1 - 2**24)
     normal = torch.erfinv(odd.to(work) * 2.0**-24) * (math.sqrt(2.0) * scale)
+    if kind == "orthogonal":
+        # Orthonormal columns from the QR of the same Gaussian (signs fixed by R's diagonal,
+        # which makes Q Haar-distributed), scaled by √(n/r): PᵀP = (n/r)·I exactly and
+        # E[P Pᵀ] = I still holds, with less variance than independent Gaussian columns.
+        q, r_factor = torch.linalg.qr(normal.view(in_features, rank))
+        q = q * torch.sign(torch.diagonal(r_factor)).unsqueeze(0)
+        return (q * math.sqrt(in_features / rank)).to(dtype)
     return normal.to(dtype).view(in_features, rank)
 
 
@@ -135,7 +142,9 @@ def make_projection(
         in_features: n, the size of the input being compressed.
         rank: r, the compressed size.
         seed: any Python int; equal seeds give equal matrices.
-        projection: ``"gaussian"`` (the paper's, N(0, 1/r)) or ``"rademacher"`` (±1/√r:
+        projection: ``"gaussian"`` (the paper's, N(0, 1/r)), ``"orthogonal"`` (beyond the
+            paper: the Gaussian's QR, orthonormal columns scaled by √(n/r); lower variance
+            of the gradient estimate at the same rank, one QR per build) or ``"rademacher"`` (±1/√r:
             cheaper to build, exactly identical on every device).
         device: where to build it (no host-device copy is made).
         dtype: the result's dtype. Gaussian values are computed in float64 when
@@ -176,11 +185,11 @@ def build_projection(
     build = _builder(keys.device)
     if build is not _build:
         try:
-            return build(in_features, rank, keys, projection == "gaussian", dtype)
+            return build(in_features, rank, keys, projection, dtype)
         except Exception as err:  # a backend without a working compiler: stay correct, just slower
             warnings.warn(f"lightning_compact: compiling the projection failed ({err!r}); using eager ops", stacklevel=2)
             _compiled_build = False
-    return _build(in_features, rank, keys, projection == "gaussian", dtype)
+    return _build(in_features, rank, keys, projection, dtype)
 
 
 def layer_seed(base_seed: int, layer_name: str, window: int) -> int:

@@ -42,7 +42,7 @@ def test_input_and_bias_gradients_are_exact(dtype, tol):
     assert rel_err(b.grad, br.grad) < tol
 
 
-@pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher", "orthogonal"])
 def test_weight_gradient_is_the_decompressed_compressed_gradient(projection):
     n, m, r, seed = 16, 8, 4, 21
     x, w, b = _inputs((6, 5), n, m)
@@ -55,9 +55,11 @@ def test_weight_gradient_is_the_decompressed_compressed_gradient(projection):
     assert rel_err(w.grad, expected) < 1e-12
 
 
-@pytest.mark.parametrize("projection, excess", [("gaussian", 1), ("rademacher", -1)])
+# r = 6 below. Orthogonal: P Pᵀ = (n/r)·Π with Π a uniformly random rank-r projection, so
+# E[(P Pᵀ − I)²] = (n/r)²·(r/n)·I − 2·I + I = (n/r − 1)·I, i.e. an excess of −r.
+@pytest.mark.parametrize("projection, excess", [("gaussian", 1), ("rademacher", -1), ("orthogonal", -6)])
 def test_weight_grad_is_unbiased_with_the_predicted_variance(projection, excess):
-    """E[G P Pᵀ] = G, and E‖G P Pᵀ − G‖² = (n ± 1)/r · ‖G‖² (Wishart second moment)."""
+    """E[G P Pᵀ] = G, and E‖G P Pᵀ − G‖² = (n + excess)/r · ‖G‖² (Wishart second moment)."""
     n, m, r, k = 24, 6, 6, 3000
     x, w, _ = _inputs((40,), n, m, seed=5)
     grad_out = torch.randn(40, m, dtype=torch.float64, generator=torch.Generator().manual_seed(6))

@@ -64,6 +64,16 @@ def test_expected_p_pt_is_identity(projection):
         assert (diag - 1).abs().max() < 5 * math.sqrt(2 / (r * k))
 
 
+def test_orthogonal_projection_has_orthogonal_columns_of_norm_sqrt_n_over_r():
+    n, r = 64, 16
+    p = make_projection(n, r, 5, projection="orthogonal", dtype=torch.float64)
+    assert torch.allclose(p.T @ p, (n / r) * torch.eye(r, dtype=torch.float64), atol=1e-12)
+    # Same seed, same matrix; built from the seed's Gaussian (its column space).
+    g = make_projection(n, r, 5, projection="gaussian", dtype=torch.float64)
+    q = p * (r / n) ** 0.5
+    assert torch.allclose(q @ (q.T @ g), g, atol=1e-10)
+
+
 def test_layer_seed_depends_on_seed_name_and_window():
     seeds = {layer_seed(s, name, w) for s in (0, 1) for name in ("a.q_proj", "a.k_proj") for w in (0, 1, 2)}
     assert len(seeds) == 12
