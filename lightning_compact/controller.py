@@ -61,7 +61,8 @@ class CompAct:
         exclude_modules: name patterns left uncompressed, added to the default exclusions.
         default_exclusions: keep the default exclusions (output heads, poolers, attention
             output projections); ``False`` leaves only ``exclude_modules``.
-        projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
+        projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (its QR: lower variance at the same
+            rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`) or ``"rademacher"``.
         scale: α of the decompressed update in :class:`CompActAdamW`.
         share_projection: one projection (and one stored ``x·P``) for the layers of one
             module that read the same input (q/k/v, gate/up).

@@ -121,7 +121,8 @@ class CompActConfig:
 
     Attributes:
         rank: int (absolute) or float in (0, 1) (fraction of each layer's ``in_features``).
-        projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
+        projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (its QR: lower variance at the same
+            rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`) or ``"rademacher"``.
         seed: base seed; each layer's seed mixes it with the layer's name and the window.
         grad_mode: ``"decompressed"`` (full-size ``weight.grad``, any optimizer) or
             ``"compressed"`` (``Ĝ`` in ``weight_delta.grad``, for

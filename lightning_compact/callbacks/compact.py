@@ -113,7 +113,8 @@ class CompActCallback(Callback):
             :data:`~lightning_compact.layers.DEFAULT_EXCLUDED_MODULES` (output heads,
             poolers and attention output projections).
         default_exclusions: ``False`` drops those defaults (only ``exclude_modules`` apply).
-        projection: ``"gaussian"`` (the paper's) or ``"rademacher"``.
+        projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (its QR: lower variance at the same
+            rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`) or ``"rademacher"``.
         grad_mode: ``"auto"`` (default): compressed, with Adam/AdamW swapped for
             ``CompActAdamW``, or with each ``Ĝ`` decompressed before the step for other
             optimizers (one warning). ``"compressed"``: compressed or a
