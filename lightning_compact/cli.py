@@ -42,7 +42,7 @@ import lightning_compact.models.classification  # noqa: F401
 from lightning_compact import CompActCallback, PeakMemoryMonitor
 from lightning_compact.data.hub import HubUnavailableError
 
-__all__ = ["CompactCLI", "ConfigError", "main", "run_cli"]
+__all__ = ["CompActCLI", "ConfigError", "main", "run_cli"]
 
 # Callback groups with an on/off switch: nested key -> class.
 SWITCHED_CALLBACKS: dict[str, type[Callback]] = {"compact": CompActCallback, "memory": PeakMemoryMonitor}
@@ -99,7 +99,7 @@ class _ShortUsageParser(LightningArgumentParser):
         return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--KEY VALUE ...]\n"
 
 
-class CompactCLI(LightningCLI):
+class CompActCLI(LightningCLI):
     """``LightningCLI`` with CompAct and peak-memory callback groups that can be switched off."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -150,9 +150,9 @@ class CompactCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
 
-def run_cli(args: Sequence[str] | None = None) -> CompactCLI:
+def run_cli(args: Sequence[str] | None = None) -> CompActCLI:
     """Run the Trainer CLI on ``args`` (default: ``sys.argv``); returns it for tests and notebooks."""
-    return CompactCLI(args=None if args is None else list(args))
+    return CompActCLI(args=None if args is None else list(args))
 
 
 def main(args: Sequence[str] | None = None) -> int:
@@ -167,7 +167,7 @@ def main(args: Sequence[str] | None = None) -> int:
         run_cli(None if args is None else argv)
     except (ConfigError, HubUnavailableError) as err:
         # Both messages name the fix; a traceback through jsonargparse and Lightning would bury it.
-        command = next((a for a in argv if a in CompactCLI.subcommands()), None)
+        command = next((a for a in argv if a in CompActCLI.subcommands()), None)
         print(f"lightning-compact{' ' + command if command else ''}: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0

@@ -216,7 +216,7 @@ class CompActLinear(nn.Linear):
         new.share_projection = config.share_projection
         # The seed's name key: the layer itself, or its group of siblings on one input size.
         parent = name.rpartition(".")[0]
-        new.seed_name = f"{parent}:in={linear.in_features}" if config.share_projection else name
+        new.seed_name = f"{parent}:in={in_features}" if config.share_projection else name
         new.window = 0
         new.cache_mode = config.cache_projections
         new.register_buffer(

@@ -223,3 +223,19 @@ def test_the_module_is_restored_when_fit_fails(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         make_trainer(tmp_path, [CompActCallback(rank=4), Boom()], max_steps=3).fit(module, token_loader())
     assert not any(isinstance(m, CompActLinear) for m in module.modules())
+
+
+def test_scale_with_decompressed_gradients_is_refused_instead_of_ignored():
+    with pytest.raises(MisconfigurationException, match="does not use"):
+        CompActCallback(rank=4, grad_mode="decompressed", scale=0.25)
+
+
+def test_resuming_a_compact_checkpoint_without_the_callback_names_the_callback(tmp_path):
+    # Without the callback no CompAct code runs at resume: Lightning's own warning names the
+    # missing callback before torch's optimizer refuses the checkpoint's extra weight_delta.
+    module = PlainLM()
+    trainer = make_trainer(tmp_path, [CompActCallback(rank=4)], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    with pytest.warns(UserWarning, match="CompActCallback"), pytest.raises(ValueError):
+        make_trainer(tmp_path / "b", [], max_steps=2).fit(PlainLM(), token_loader(), ckpt_path=tmp_path / "c.ckpt")

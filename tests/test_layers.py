@@ -265,3 +265,15 @@ def test_gpt2_conv1d_layers_are_converted_natively_and_restored():
     restore_linear(model)
     assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     assert torch.equal(model(tokens, labels=tokens).loss, ref)
+
+
+def test_shared_projection_works_for_gpt2_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).train()
+    convert_to_compact(model, config=CompActConfig(rank=4, share_projection=True))
+    fc = model.transformer.h[0].mlp.c_fc
+    assert fc.seed_name == "transformer.h.0.mlp:in=32"
+    tokens = torch.randint(0, 64, (2, 8))
+    model(tokens, labels=tokens).loss.backward()
+    assert fc.weight.grad.shape == (32, 128)  # Conv1D's [in, out] layout

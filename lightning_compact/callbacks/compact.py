@@ -192,6 +192,11 @@ class CompActCallback(Callback):
             )
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"CompActCallback: {err}") from err
+        if grad_mode == "decompressed" and float(scale) != DEFAULT_SCALE:
+            raise MisconfigurationException(
+                f"CompActCallback(scale={scale!r}): α scales CompActAdamW's compressed update, which "
+                "grad_mode='decompressed' does not use; drop scale or use grad_mode='compressed'/'auto'"
+            )
         self.grad_mode = grad_mode
         self._decompress_before_step = False
         self._report = self.compact.report  # kept after fit, when the controller's is reset
@@ -287,7 +292,8 @@ class CompActCallback(Callback):
                 raise MisconfigurationException(f"CompActCallback(grad_mode='compressed'): {reasons[0]}.")
             rank_zero_warn(
                 f"CompActCallback: {reasons[0]}; each compressed gradient is decompressed to full size before the "
-                "optimizer step (activation memory is still saved). Pass grad_mode='decompressed' to silence this."
+                "optimizer step (activation memory is still saved; scale is not used). Pass "
+                "grad_mode='decompressed' to silence this."
             )
             self._decompress_before_step = self._decompressed_before_step = True
             return
