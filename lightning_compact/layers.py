@@ -536,10 +536,11 @@ def convert_to_compact(
 
     # Who holds each Parameter directly: a weight held twice (tied to an embedding or to
     # another layer) has a gradient from elsewhere too, which compression would get wrong.
-    holders: dict[int, list[str]] = {}
-    for mod_name, mod in module.named_modules(remove_duplicate=False):
+    # (One module registered under two names is one holder.)
+    holders: dict[int, dict[int, str]] = {}
+    for mod_name, mod in module.named_modules():
         for _, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            holders.setdefault(id(p), []).append(mod_name)
+            holders.setdefault(id(p), {}).setdefault(id(mod), mod_name)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         # Post-order: children first, then swap them in their parent.
@@ -569,7 +570,7 @@ def convert_to_compact(
             reason = _skip_reason(name, child, layer_rank, config)
             if reason is None and isinstance(parent, nn.MultiheadAttention):
                 reason = "nn.MultiheadAttention reads this weight directly (its forward never runs)"
-            others = [h for h in holders.get(id(child.weight), []) if h != name]
+            others = [h for m, h in holders.get(id(child.weight), {}).items() if m != id(child)]
             if reason is None and others:
                 reason = f"weight shared with {others[0]}"
             if reason is not None:

@@ -277,3 +277,11 @@ def test_shared_projection_works_for_gpt2_conv1d_layers():
     tokens = torch.randint(0, 64, (2, 8))
     model(tokens, labels=tokens).loss.backward()
     assert fc.weight.grad.shape == (32, 128)  # Conv1D's [in, out] layout
+
+
+def test_a_module_registered_under_two_names_is_not_a_shared_weight():
+    block = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    holder = nn.Module()
+    holder.model, holder.alias = block, block  # e.g. self.net = self.model
+    report = conversion_report(convert_to_compact(holder, rank=4))
+    assert set(report.converted) == {"model.0", "model.2"} and not report.skipped
