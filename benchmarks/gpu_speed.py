@@ -125,11 +125,7 @@ def run(config, name, device, compiled, batch, seq, warmup, steps) -> dict:
         model_and_state_MiB=(base_alloc / 2**20) if cuda else None,
         projection_cache_MiB=(compact.projection_cache_bytes / 2**20) if compact is not None else 0.0,
     )
-    del model, forward, optimizer, compact, tokens
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return row
+    return row  # the model, optimizer and batch go with this frame; main() frees the memory
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as err:  # one failing configuration must not lose the others' figures
             traceback.print_exc()
             rows.append(dict(configuration=name, compiled=compiled, error=repr(err)))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.preset} batch {args.batch}x{args.seq} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     print(f"{'configuration':<22}{'mode':>9}{'tokens/s':>11}{'x base':>8}{'peak MiB':>10}{'x base':>8}")

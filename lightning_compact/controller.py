@@ -41,7 +41,7 @@ from lightning_compact.layers import (
     restore_linear,
 )
 from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, unsupported_reason
-from lightning_compact.projection import seed_keys, window_for_step
+from lightning_compact.projection import window_for_step
 
 __all__ = ["CompAct"]
 
@@ -207,7 +207,7 @@ class CompAct:
                 layer.base_seed = self.config.seed  # a checkpoint may have restored another one
             layer.window = window
             if id(layer.projection_keys) not in keys_done:
-                layer.projection_keys.copy_(torch.tensor(seed_keys(layer.seed), dtype=torch.int32))
+                layer.write_projection_keys()
                 keys_done.add(id(layer.projection_keys))
             cache = layer.projection_cache
             if cache is not None and id(cache) not in caches_done:

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from lightning_compact.projection import PROJECTIONS, Projection, build_projection, seed_keys
 
-__all__ = ["GRAD_MODES", "GradMode", "compact_linear", "observe_compressed_inputs"]
+__all__ = ["GRAD_MODES", "compact_linear", "observe_compressed_inputs"]
 
-GradMode = str  # "compressed" or "decompressed"
 GRAD_MODES: tuple[str, ...] = ("compressed", "decompressed")
 
 # Called as ``observer(input, compressed)`` for every compact_linear forward that saves

@@ -204,11 +204,7 @@ class CompActLinear(nn.Linear):
         """Wrap ``linear``'s own Parameters (no copy) in a new layer of this class."""
         in_features, out_features = _shape_of(linear)
         with torch.device("meta"):
-            new = cls(in_features, out_features, bias=False)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        _copy_hooks(linear, new)
-        new.train(linear.training)
+            new = _adopt(linear, cls(in_features, out_features, bias=False))
         new.rank = rank
         new.projection = config.projection
         new.base_seed = config.seed
@@ -245,9 +241,13 @@ class CompActLinear(nn.Linear):
         if window == self.window and base_seed is None:
             return
         self.window = window
-        self.projection_keys.copy_(torch.tensor(seed_keys(self.seed), dtype=torch.int32))
+        self.write_projection_keys()
         if self.projection_cache is not None:
             self.refresh_projection_cache()
+
+    def write_projection_keys(self) -> None:
+        """Write the current window's hash keys into the (possibly shared) key buffer, in place."""
+        self.projection_keys.copy_(torch.tensor(seed_keys(self.seed), dtype=torch.int32))
 
     def projection_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The current window's ``P`` (``[in_features, rank]``): the cache, or built from the keys."""
@@ -266,11 +266,6 @@ class CompActLinear(nn.Linear):
             self.projection_cache.copy_(fresh)
         else:
             self.projection_cache = fresh
-
-    def drop_projection_cache(self) -> None:
-        """Stop caching ``P``: it is rebuilt in every forward (and decompressing backward)."""
-        self.projection_cache = None
-        self.cache_mode = False
 
     @property
     def projection_cache_bytes(self) -> int:
@@ -388,11 +383,7 @@ class CompActLinear(nn.Linear):
         """The plain layer (``nn.Linear``) with this layer's very Parameters and hooks (``weight_delta`` dropped)."""
         with torch.device("meta"):
             plain = nn.Linear(self.in_features, self.out_features, bias=False)
-        plain.weight = self.weight
-        plain.bias = self.bias
-        _copy_hooks(self, plain)
-        plain.train(self.training)
-        return plain
+        return _adopt(self, plain)
 
     def extra_repr(self) -> str:
         mode = ", grad_mode=compressed" if self.weight_delta is not None else ""
@@ -423,11 +414,7 @@ class CompActConv1D(CompActLinear):
         plain = self._plain_class.__new__(self._plain_class)
         nn.Module.__init__(plain)
         plain.nf, plain.nx = self.out_features, self.in_features
-        plain.weight = self.weight
-        plain.bias = self.bias
-        _copy_hooks(self, plain)
-        plain.train(self.training)
-        return plain
+        return _adopt(self, plain)
 
     def extra_repr(self) -> str:
         return f"nx={self.in_features}, nf={self.out_features}, " + super().extra_repr()
@@ -450,11 +437,16 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
+def _adopt(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` (a swap's new layer) ``source``'s very Parameters, hooks and training mode."""
+    target.weight = source.weight
+    target.bias = source.bias
     # Hooks users or other libraries put on the module (and their with_kwargs flags) survive the swap.
     for attr in _HOOK_DICTS:
         if hasattr(source, attr) and hasattr(target, attr):
             getattr(target, attr).update(getattr(source, attr))
+    target.train(source.training)
+    return target
 
 
 @dataclasses.dataclass

@@ -2,7 +2,6 @@
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn

@@ -12,14 +12,14 @@ from lightning_compact.models.llama import LlamaForCausalLM
 from lightning_compact.projection import layer_seed
 
 
-def _train_plain(model, compact, steps=4, accumulate=1):
-    opt = compact.optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    batches = iter(token_loader(n_samples=4 * steps * accumulate))
-    for step in range(steps):
+def _train_plain(model, compact, loader, lr=1e-2, clip=None):
+    """The loop of the README's plain-PyTorch section, one optimizer step per batch."""
+    opt = compact.optimizer(torch.optim.AdamW(model.parameters(), lr=lr))
+    for step, (tokens,) in enumerate(loader):
         compact.step(step)
-        for _ in range(accumulate):
-            (tokens,) = next(batches)
-            model(tokens, labels=tokens).backward()
+        model(tokens, labels=tokens).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
     return opt
@@ -31,7 +31,7 @@ def test_a_plain_loop_trains_with_compressed_gradients_and_restores_the_model():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     compact = CompAct(rank=4, update_proj_gap=2)
     assert compact.convert(model) is model
-    opt = _train_plain(model, compact)
+    opt = _train_plain(model, compact, token_loader())
     assert isinstance(opt, CompActAdamW)
     up = model.model.layers[0].mlp.up_proj
     assert up.window == 1 and up.seed == layer_seed(0, "model.layers.0.mlp.up_proj", 1)
@@ -55,12 +55,7 @@ def test_a_plain_loop_equals_the_lightning_callback_run(tmp_path):
     holder.model = plain  # seeds derive from fully qualified names: make them the LightningModule's
     compact = CompAct(rank=4, update_proj_gap=2)
     compact.convert(holder)
-    opt = compact.optimizer(torch.optim.AdamW(plain.parameters(), lr=module.lr))
-    for step, (tokens,) in enumerate(token_loader()):
-        compact.step(step)
-        plain(tokens, labels=tokens).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_plain(plain, compact, token_loader(), lr=module.lr)
     compact.restore(holder)
     for (name, a), b in zip(plain.state_dict().items(), module.model.state_dict().values()):
         assert ((a - b).norm() / b.norm()).item() < 1e-12, name
@@ -89,13 +84,7 @@ def _plain_reference(init, steps_data, clip):
     compact = CompAct(rank=4, update_proj_gap=2)
     compact.convert(model)
     model.double()
-    opt = compact.optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    for step, (tokens,) in enumerate(steps_data):
-        compact.step(step)
-        model(tokens, labels=tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
+    _train_plain(model, compact, steps_data, clip=clip)
     return model
 
 

@@ -7,6 +7,7 @@ plain PyTorch and Fabric loops as well.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,7 +27,7 @@ from typing_extensions import override
 
 from lightning_compact.controller import CompAct
 from lightning_compact.layers import CompActLinear, ConversionReport, resolve_rank
-from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, rebind_lr_scheduler
+from lightning_compact.optim import DEFAULT_SCALE, rebind_lr_scheduler
 
 __all__ = ["CompActCallback"]
 
@@ -198,9 +199,10 @@ class CompActCallback(Callback):
                 "grad_mode='decompressed' does not use; drop scale or use grad_mode='compressed'/'auto'"
             )
         self.grad_mode = grad_mode
-        self._decompress_before_step = False
         self._report = self.compact.report  # kept after fit, when the controller's is reset
-        self._decompressed_before_step = False  # the same, for the fit's record
+        # Whether this (or the last) fit decompresses Ĝ before each step (an optimizer
+        # without a compressed form); kept after fit as part of its record.
+        self._decompressed_before_step = False
 
     # The settings, read from the controller (one place per fact).
     @property
@@ -251,7 +253,7 @@ class CompActCallback(Callback):
                     f"CompActCallback(grad_mode='compressed'): precision={trainer.precision!r} uses a gradient "
                     "scaler, which is not verified with compressed gradients; use bf16-mixed or grad_mode='decompressed'."
                 )
-            self.compact.config = _with(self.compact.config, grad_mode="decompressed")
+            self.compact.config = dataclasses.replace(self.compact.config, grad_mode="decompressed")
         # DDP wraps the model before configure_optimizers runs, so which weights DDP
         # manages (the compressed ones get no .grad) is settled now.
         self.compact.convert(pl_module, ddp=isinstance(trainer.strategy, DDPStrategy))
@@ -276,7 +278,7 @@ class CompActCallback(Callback):
                 "CompActCallback converted no layer: the model has no eligible nn.Linear "
                 "(see the skip reasons below); training runs uncompressed."
             )
-        self._decompress_before_step = False
+        self._decompressed_before_step = False
         if self.compact.compressed_layers:
             self._swap_optimizers(trainer)
         self.compact.broadcast_weights()  # DDP broadcast only the parameters it manages
@@ -295,7 +297,7 @@ class CompActCallback(Callback):
                 "optimizer step (activation memory is still saved; scale is not used). Pass "
                 "grad_mode='decompressed' to silence this."
             )
-            self._decompress_before_step = self._decompressed_before_step = True
+            self._decompressed_before_step = True
             return
         optimizers = list(strategy.optimizers)
         for i, opt in enumerate(optimizers):
@@ -313,7 +315,7 @@ class CompActCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # After the last accumulated micro-batch (and DDP's reduction), before clipping.
-        if self._decompress_before_step:
+        if self._decompressed_before_step:
             self.compact.decompress_grads_()
 
     @override
@@ -329,12 +331,11 @@ class CompActCallback(Callback):
         # The module leaves fit as it came: plain nn.Linear layers, same Parameters.
         if self.compact.layers:
             self.compact.restore(pl_module)
-        self._decompress_before_step = False
 
     def format_table(self, bytes_per_element: int = 2) -> str:
         """The converted and skipped layers, their ranks and the activation bytes saved per token."""
         table = self.compact.format_table(bytes_per_element)
-        if self._decompress_before_step:
+        if self._decompressed_before_step:
             table += "\nCompressed gradients are decompressed before each step (the optimizer has no compressed form)."
         return table
 
@@ -358,8 +359,3 @@ class CompActCallback(Callback):
                 else:
                     self.compact.set_update_proj_gap(saved)
 
-
-def _with(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
