@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_compact.distributed import broadcast_parameters, exclude_from_ddp
+from lightning_compact.distributed import broadcast_parameters, decompress, exclude_from_ddp
 from lightning_compact.functional import GRAD_MODES
 from lightning_compact.layers import (
     CompActConfig,
@@ -40,7 +40,7 @@ from lightning_compact.layers import (
     matches_any,
     restore_linear,
 )
-from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, unsupported_reason
+from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, put_deltas_in_place_of_weights, unsupported_reason
 from lightning_compact.projection import window_for_step
 
 __all__ = ["CompAct"]
@@ -127,13 +127,18 @@ class CompAct:
         targets = self.target_modules
         return None if targets is None else (lambda _m, name: matches_any(name, targets) is not None)
 
-    def convert(self, module: nn.Module, *, ddp: bool = False, grad_mode: str | None = None) -> nn.Module:
+    def convert(
+        self, module: nn.Module, *, ddp: bool = False, fsdp: bool = False, grad_mode: str | None = None
+    ) -> nn.Module:
         """Swap ``module``'s eligible ``nn.Linear`` layers for :class:`CompActLinear`; returns ``module``.
 
         Args:
             ddp: the module will be wrapped in ``DistributedDataParallel`` (call this
                 before wrapping): in compressed mode each ``weight_delta`` gets real
                 storage and the weights are kept out of DDP's buckets (they get no ``.grad``).
+            fsdp: the module will be sharded with FSDP2's ``fully_shard`` (call this before
+                sharding): in compressed mode each ``weight_delta`` gets real storage, which
+                FSDP2 shards by rows like its weight (``[out/world, r]`` per rank).
             grad_mode: override the configured mode for the layers converted by this call
                 (e.g. ``"decompressed"`` for layers made after DDP wrapped the model).
         """
@@ -146,10 +151,11 @@ class CompAct:
         convert_to_compact(module, config=config, module_filter_fn=self._filter())
         self.report.merge(conversion_report(module))
         new = [layer for name, layer in self.layers.items() if name not in before]
-        if ddp and config.grad_mode == "compressed" and new:
+        if (ddp or fsdp) and config.grad_mode == "compressed" and new:
             for layer in new:
                 layer.set_grad_mode("compressed", materialize=True)
-            exclude_from_ddp(module, [layer.weight for layer in new])
+            if ddp:
+                exclude_from_ddp(module, [layer.weight for layer in new])
         if self._window is not None:
             self._set_window(self._window, new, force=True)
         return module
@@ -254,28 +260,24 @@ class CompAct:
         """The optimizer to train with: ``optimizer`` itself, or an equivalent :class:`CompActAdamW`.
 
         In compressed mode a ``torch.optim.Adam``/``AdamW`` holding converted weights is
-        replaced (same groups and hyperparameters, plus each missing ``weight_delta``); a
-        ``CompActAdamW`` gets its missing ``weight_delta`` added. Other optimizers raise.
+        replaced (same groups and hyperparameters, each ``weight_delta`` in its weight's
+        place); a ``CompActAdamW`` has its groups edited likewise. Other optimizers raise.
+        Under FSDP2 call it after ``fully_shard`` (which makes new Parameter objects).
 
         Raises:
             ValueError: compressed mode with an optimizer that has no compressed form.
         """
         if not self.compressed_layers or not self.holds_converted(optimizer):
             return optimizer
+        CompActAdamW.bind_layers(self.compressed_layers.values())  # FSDP2 made new δ Parameters
         reason = self.unsupported_reason(optimizer)
         if reason is not None:
             raise ValueError(f"{reason}; use Adam/AdamW, or grad_mode='decompressed'")
         if isinstance(optimizer, CompActAdamW):
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            for layer in self.compressed_layers.values():
-                if id(layer.weight_delta) in held:
-                    continue
-                for group in optimizer.param_groups:
-                    if any(p is layer.weight for p in group["params"]):
-                        group["params"].append(layer.weight_delta)
-                        break
-            return optimizer
-        return CompActAdamW.from_optimizer(optimizer, scale=self.scale, layers=self.compressed_layers.values())
+            put_deltas_in_place_of_weights(optimizer.param_groups, self.compressed_layers.values())
+        else:
+            optimizer = CompActAdamW.from_optimizer(optimizer, scale=self.scale, layers=self.compressed_layers.values())
+        return optimizer
 
     @torch.no_grad()
     def decompress_grads_(self) -> None:
@@ -290,11 +292,11 @@ class CompAct:
             delta = layer.weight_delta
             if delta.grad is None:
                 continue
-            full = delta.grad @ layer.projection_matrix(dtype=delta.grad.dtype).t()  # [out, in]
+            full = decompress(delta.grad, layer.projection_matrix(dtype=delta.grad.dtype), like=layer.linear_weight())
             if layer.transposed:
                 full = full.t()
             w = layer.weight
-            w.grad = full.to(w.dtype) if w.grad is None else w.grad.add_(full)
+            w.grad = full if w.grad is None else w.grad.add_(full)
             delta.grad = None
 
     # -- reporting and state ------------------------------------------------------------

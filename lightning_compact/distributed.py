@@ -20,10 +20,20 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a torch built without distributed support: nothing is ever a DTensor
+    DTensor = ()  # type: ignore[assignment,misc]
 from torch.nn.parallel import DistributedDataParallel
 
 
-__all__ = ["broadcast_parameters", "exclude_from_ddp"]
+__all__ = ["add_decompressed_", "broadcast_parameters", "decompress", "exclude_from_ddp", "is_dtensor"]
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (e.g. a Parameter sharded by FSDP2's ``fully_shard``)."""
+    return isinstance(tensor, DTensor)
 
 
 def _distributed() -> bool:
@@ -53,3 +63,53 @@ def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0, group: di
         return
     for p in params:
         dist.broadcast(p.data, src=src, group=group)
+
+
+
+def _same_rows(update: torch.Tensor, weight: torch.Tensor) -> bool:
+    # δ and W of one layer have the same rows; sharded alike, each rank holds matching rows.
+    return (
+        isinstance(update, DTensor)
+        and update.device_mesh == weight.device_mesh
+        and update.placements == weight.placements == (Shard(0),)
+    )
+
+
+def decompress(update: torch.Tensor, proj: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``update · projᵀ`` (``[m, r] · [r, n]``) in ``like``'s dtype and layout (plain, or FSDP2's ``DTensor``).
+
+    Every rank builds the same ``proj``, so a row-sharded ``update`` gives its rows of the
+    product locally; any other layout gathers the small ``update`` first.
+    """
+    if not isinstance(like, DTensor):
+        if isinstance(update, DTensor):
+            raise TypeError(
+                "a compressed gradient is a DTensor but its weight is not: shard each converted layer's weight "
+                "and weight_delta together (one fully_shard call over the layer or a module above it)"
+            )
+        return (update @ proj.t().to(update.dtype)).to(like.dtype)
+    mesh = like.device_mesh
+    if _same_rows(update, like):
+        local = (update.to_local() @ proj.t().to(update.dtype)).to(like.dtype)
+        return DTensor.from_local(local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+    full = update.full_tensor() if isinstance(update, DTensor) else update
+    product = DTensor.from_local(
+        (full @ proj.t().to(full.dtype)).to(like.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False
+    )
+    return product.redistribute(mesh, like.placements)
+
+
+@torch.no_grad()
+def add_decompressed_(weight: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, alpha: float) -> None:
+    """``weight += alpha · update · projᵀ`` in place: ``weight [m, n]``, ``update [m, r]``, ``proj [n, r]``.
+
+    Plain tensors or FSDP2's ``DTensor`` shards. Where ``weight`` and ``update`` are split
+    by rows alike (the usual case) each rank updates its own rows inside the matmul: no
+    communication and no ``[m, n]`` temporary (see :func:`decompress` for the rest).
+    """
+    if not isinstance(weight, DTensor) and not isinstance(update, DTensor):
+        weight.addmm_(update.to(weight.dtype), proj.t(), alpha=alpha)
+    elif isinstance(weight, DTensor) and _same_rows(update, weight):
+        weight.to_local().addmm_(update.to_local().to(weight.dtype), proj.t(), alpha=alpha)
+    else:
+        weight.add_(decompress(update, proj, weight), alpha=alpha)

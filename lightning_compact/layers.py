@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compact.distributed import is_dtensor
 from lightning_compact.functional import GRAD_MODES, compact_linear
 from lightning_compact.projection import PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
@@ -299,7 +300,7 @@ class CompActLinear(nn.Linear):
         if self.weight_delta is None or materialize != self.delta_materialized:
             self.delta_materialized = materialize
             self.weight_delta = nn.Parameter(self._delta_storage(materialize), requires_grad=self.weight.requires_grad)
-            self._link_delta()
+            self.link_delta()
 
     def _delta_storage(self, materialize: bool) -> torch.Tensor:
         shape = (self.out_features, self.rank)
@@ -316,7 +317,8 @@ class CompActLinear(nn.Linear):
             delta.data = torch.zeros((), dtype=delta.dtype, device=delta.device).expand(delta.shape)
         setattr(delta, _OWNER_ATTR, weakref.ref(self))
 
-    def _link_delta(self) -> None:
+    def link_delta(self) -> None:
+        """Mark the current ``weight_delta`` as this layer's (:func:`delta_owner`), e.g. after FSDP2 replaced it."""
         if self.weight_delta is not None:
             setattr(self.weight_delta, _OWNER_ATTR, weakref.ref(self))
 
@@ -330,7 +332,12 @@ class CompActLinear(nn.Linear):
         self._normalize_delta()  # deepcopy and pickle make a new weight_delta, dense and unlinked
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # weight_delta is always zero and not part of the model: keep checkpoints plain.
+        # weight_delta is always zero and not part of the model: keep checkpoints plain. Except
+        # when FSDP2 shards it: Lightning's full-checkpoint loader then requires every
+        # parameter to be in the checkpoint (zeros, r/n of the weight's size).
+        if is_dtensor(self._parameters.get("weight_delta")):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
         delta, self._parameters["weight_delta"] = self._parameters.get("weight_delta"), None
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -345,13 +352,33 @@ class CompActLinear(nn.Linear):
     # -- forward ------------------------------------------------------------------------
 
     transposed: bool = False  # True where the Parameter is stored [in, out] (transformers' Conv1D)
+    active: bool = True  # False: a plain linear layer in every mode (see deactivate)
+
+    def deactivate(self) -> None:
+        """Act as the plain layer from now on, in place: exact gradients into ``weight.grad``, ``δ`` frozen.
+
+        For where the layer cannot be swapped back (:func:`restore_linear` does this to
+        layers sharded by FSDP2, whose ``fully_shard`` holds on to the module objects).
+        :func:`convert_to_compact` with the same settings activates it again.
+        """
+        if self.weight_delta is not None and self.weight_delta.grad is not None:
+            raise RuntimeError(f"{self.layer_name}: a compressed gradient is pending; step or zero it first")
+        self.active = False
+        if self.weight_delta is not None:
+            self.weight_delta.requires_grad_(False)
+
+    def activate(self) -> None:
+        """Undo :meth:`deactivate`."""
+        self.active = True
+        if self.weight_delta is not None:
+            self.weight_delta.requires_grad_(self.weight.requires_grad)
 
     def linear_weight(self) -> torch.Tensor:
         """The weight in ``nn.Linear``'s ``[out, in]`` layout (a view of the Parameter)."""
         return self.weight.t() if self.transposed else self.weight
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.active and self.training and torch.is_grad_enabled()):
             return F.linear(input, self.linear_weight(), self.bias)
         if self.cache_mode == "auto" and not torch.compiler.is_compiling():
             self._decide_cache(input)
@@ -387,7 +414,8 @@ class CompActLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         mode = ", grad_mode=compressed" if self.weight_delta is not None else ""
-        return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}{mode}"
+        state = "" if self.active else ", inactive"
+        return f"{super().extra_repr()}, rank={self.rank}, projection={self.projection}{mode}{state}"
 
 
 class CompActConv1D(CompActLinear):
@@ -473,6 +501,8 @@ def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig)
         return f"{why} ({excluded_by!r})"
     if torch.nn.utils.parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
         return "weight is computed (parametrization or weight_norm): not a Parameter to reuse"
+    if is_dtensor(module.weight):
+        return "already sharded (DTensor): convert before fully_shard or tensor parallelism"
     in_features = _shape_of(module)[0]
     if rank >= in_features:
         return f"rank {rank} >= in_features {in_features}"
@@ -553,6 +583,8 @@ def convert_to_compact(
                         f"{name} is already converted with other settings: {diff}. Call "
                         "lightning_compact.restore_linear(model) first, or convert with the same settings."
                     )
+                if not child.active:
+                    child.activate()
                 report.converted[name] = child
                 continue
             if module_filter_fn is not None and not module_filter_fn(child, name):
@@ -595,11 +627,19 @@ def _share_projection_state(layers: Iterable[CompActLinear]) -> None:
 def restore_linear(module: nn.Module) -> nn.Module:
     """Swap every :class:`CompActLinear` in ``module`` back to a plain ``nn.Linear`` (same Parameters), in place.
 
-    Any pending compressed gradient is dropped with its ``weight_delta``. Returns ``module``.
+    Any pending compressed gradient is dropped with its ``weight_delta``. A layer sharded
+    by FSDP2 (its weight is a ``DTensor``) stays in place, since ``fully_shard`` holds on
+    to it, but is deactivated (:meth:`CompActLinear.deactivate`): it computes and
+    differentiates exactly like the plain layer. Returns ``module``.
     """
     for name, child in list(module.named_modules()):
         for child_name, grandchild in list(child.named_children()):
             if isinstance(grandchild, CompActLinear):
-                setattr(child, child_name, grandchild.to_plain())
+                if is_dtensor(grandchild.weight):
+                    if grandchild.weight_delta is not None:
+                        grandchild.weight_delta.grad = None
+                    grandchild.deactivate()
+                else:
+                    setattr(child, child_name, grandchild.to_plain())
     _REPORTS.pop(module, None)
     return module

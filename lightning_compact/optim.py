@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_compact.distributed import add_decompressed_
 from lightning_compact.layers import CompActLinear, delta_owner
 
-__all__ = ["DEFAULT_SCALE", "CompActAdamW", "rebind_lr_scheduler", "unsupported_reason"]
+__all__ = ["DEFAULT_SCALE", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
 
 # α, the scale of the decompressed update. With P ~ N(0, 1/r) the entries of N Pᵀ have
 # the magnitude of a full-rank Adam step, so α = 1 keeps the meaning of a learning rate
@@ -110,10 +111,9 @@ class CompActAdamW(Optimizer):
         """A ``CompActAdamW`` with ``optimizer``'s parameter groups and hyperparameters.
 
         Group entries other than torch's Adam flags (e.g. a scheduler's ``initial_lr``,
-        or user keys) are carried over; groups without a ``scale`` get ``scale``. The
-        ``weight_delta`` of each of ``layers`` in compressed mode whose weight is in a
-        group and whose ``δ`` is in none (it was made after the optimizer) joins the
-        weight's group.
+        or user keys) are carried over; groups without a ``scale`` get ``scale``. Each of
+        ``layers`` in compressed mode has its ``weight_delta`` take its weight's place
+        (see :func:`put_deltas_in_place_of_weights`).
 
         Raises:
             ValueError: when ``optimizer`` has no compressed counterpart (see
@@ -122,19 +122,14 @@ class CompActAdamW(Optimizer):
         reason = unsupported_reason(optimizer)
         if reason is not None:
             raise ValueError(reason)
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        deltas = {id(layer.weight): layer.weight_delta for layer in layers if layer.weight_delta is not None}
         groups = []
         for group in optimizer.param_groups:
             group = {k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS}
             group["params"] = list(group["params"])
-            for p in list(group["params"]):
-                delta = deltas.get(id(p))
-                if delta is not None and id(delta) not in held:
-                    group["params"].append(delta)
-                    held.add(id(delta))
-            group.setdefault("scale", float(scale))
             groups.append(group)
+        put_deltas_in_place_of_weights(groups, layers)
+        for group in groups:
+            group.setdefault("scale", float(scale))
         d = optimizer.defaults
         return cls(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], scale=scale)
 
@@ -165,6 +160,17 @@ class CompActAdamW(Optimizer):
             if params:
                 self._update_group(group, params, grads, targets, layers)
         return loss
+
+    @staticmethod
+    def bind_layers(layers: Iterable[CompActLinear]) -> None:
+        """Mark each layer's current ``weight_delta`` as that layer's, for the step to find it.
+
+        Needed where a wrapper re-creates the Parameter objects after conversion (FSDP2's
+        ``fully_shard`` makes each one a sharded ``DTensor`` Parameter): call it after
+        wrapping. :meth:`CompAct.optimizer <lightning_compact.controller.CompAct.optimizer>` does.
+        """
+        for layer in layers:
+            layer.link_delta()
 
     def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -219,7 +225,7 @@ class CompActAdamW(Optimizer):
                 w = layers[i].linear_weight()  # [out, in], a view where the Parameter is stored transposed
                 proj = layers[i].projection_matrix(dtype=w.dtype)  # [n, r], the P the gradient was made with
                 # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
-                w.addmm_(update.to(w.dtype), proj.t(), alpha=-step_sizes[i] * group["scale"])
+                add_decompressed_(w, update, proj, alpha=-step_sizes[i] * group["scale"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then check that each moment has its parameter's shape (same mode and rank as when saved)."""
@@ -233,6 +239,29 @@ class CompActAdamW(Optimizer):
                         f"{tuple(p.shape)}: it was saved with another CompAct gradient mode or rank. Resume with the "
                         "same settings."
                     )
+
+
+def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterable[CompActLinear]) -> None:
+    """In parameter groups (edited in place), let each compressed layer's ``weight_delta`` take its weight's place.
+
+    The weight of a layer in compressed mode gets no ``.grad`` and has no moments of its
+    own (:class:`CompActAdamW` updates it through ``δ``), so it is not held at all: a
+    held parameter that needs gradients but never has state is what
+    ``torch.distributed.checkpoint`` refuses to load (Lightning's ``ModelParallelStrategy``).
+    A ``δ`` already held stays where it is, and its weight is dropped.
+    """
+    deltas = {id(layer.weight): layer.weight_delta for layer in layers if layer.weight_delta is not None}
+    placed = {id(p) for group in groups for p in group["params"]} & {id(d) for d in deltas.values()}
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            delta = deltas.get(id(p))
+            if delta is None:
+                params.append(p)
+            elif id(delta) not in placed:
+                params.append(delta)
+                placed.add(id(delta))
+        group["params"] = params
 
 
 def unsupported_reason(optimizer: Optimizer) -> str | None:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lightning_compact import CompActAdamW, CompActConfig, convert_to_compact
-from lightning_compact.optim import rebind_lr_scheduler, unsupported_reason
+from lightning_compact.layers import CompActLinear
+from lightning_compact.optim import put_deltas_in_place_of_weights, rebind_lr_scheduler, unsupported_reason
 from lightning_compact.projection import make_projection
 
 
@@ -143,14 +144,27 @@ def test_a_weight_with_both_a_full_and_a_compressed_gradient_is_refused():
         opt.step()
 
 
-def test_from_optimizer_adds_each_missing_weight_delta_to_its_weights_group():
+def test_from_optimizer_puts_each_weight_delta_in_its_weights_place():
+    # The compressed weight itself gets neither a .grad nor moments: holding it would only
+    # leave a parameter without state, which torch.distributed.checkpoint refuses to load.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 6))
     adamw = torch.optim.AdamW([{"params": [model[0].weight], "lr": 0.1}, {"params": [model[2].weight, model[0].bias]}])
     convert_to_compact(model, config=CompActConfig(rank=4, grad_mode="compressed"))  # δ made after the optimizer
     new = CompActAdamW.from_optimizer(adamw, layers=[model[0], model[2]])
-    assert new.param_groups[0]["params"] == [model[0].weight, model[0].weight_delta]
-    assert new.param_groups[1]["params"] == [model[2].weight, model[0].bias, model[2].weight_delta]
+    assert new.param_groups[0]["params"] == [model[0].weight_delta]
+    assert new.param_groups[0]["lr"] == 0.1
+    assert new.param_groups[1]["params"] == [model[2].weight_delta, model[0].bias]
+
+
+def test_a_weight_delta_already_held_stays_and_its_weight_is_dropped():
+    model = _compressed_model(torch.float32)
+    groups = [{"params": list(model.parameters())}]
+    layers = [m for m in model.modules() if isinstance(m, CompActLinear)]
+    put_deltas_in_place_of_weights(groups, layers)
+    held = groups[0]["params"]
+    assert all(not any(p is layer.weight for p in held) for layer in layers)
+    assert all(sum(p is layer.weight_delta for p in held) == 1 for layer in layers)
 
 
 def test_from_optimizer_keeps_groups_and_hyperparameters():

@@ -42,17 +42,20 @@ def _activation_bytes(trainer: pl.Trainer) -> int:
 
 
 def _check_strategy(strategy: Strategy) -> None:
-    # Only strategies whose parameters are whole tensors on each rank are supported:
-    # sharded ones (FSDP, DeepSpeed, model parallel) hand the layer flat or DTensor
-    # shards, which this implementation has not been verified with.
+    # Whole tensors on each rank (single device, DDP) or FSDP2's row-sharded DTensors
+    # (ModelParallelStrategy). FSDP1 and DeepSpeed hand the layer flat shards.
     # (DeepSpeedStrategy subclasses DDPStrategy, hence the explicit refusal first.)
-    sharded = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
-    if not sharded and isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+        raise MisconfigurationException(
+            f"CompActCallback does not support the {type(strategy).__name__} strategy (its flat parameter shards "
+            "hide the layers' weights). For sharded training use FSDP2: `strategy=ModelParallelStrategy()` "
+            "with `fully_shard` called in `configure_model`; or DDP (`strategy='ddp'`)."
+        )
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
         return
     raise MisconfigurationException(
-        f"CompActCallback does not support the {type(strategy).__name__} strategy. "
-        "Use a single device or DDP (`strategy='ddp'`, 'ddp_spawn', 'ddp_notebook'); "
-        "sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet."
+        f"CompActCallback does not support the {type(strategy).__name__} strategy. Use a single device, DDP "
+        "(`strategy='ddp'`, 'ddp_spawn', 'ddp_notebook') or FSDP2 (`strategy=ModelParallelStrategy()`)."
     )
 
 
@@ -255,16 +258,21 @@ class CompActCallback(Callback):
                 )
             self.compact.config = dataclasses.replace(self.compact.config, grad_mode="decompressed")
         # DDP wraps the model before configure_optimizers runs, so which weights DDP
-        # manages (the compressed ones get no .grad) is settled now.
-        self.compact.convert(pl_module, ddp=isinstance(trainer.strategy, DDPStrategy))
+        # manages (the compressed ones get no .grad) is settled now; FSDP2 shards what
+        # configure_model (after this hook) hands it, each δ included.
+        strategy = trainer.strategy
+        self.compact.convert(
+            pl_module, ddp=isinstance(strategy, DDPStrategy), fsdp=isinstance(strategy, ModelParallelStrategy)
+        )
         self._report = self.compact.report
         self._decompressed_before_step = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Layers made in configure_model exist only now; under DDP they are already in
-        # DDP's buckets, which wait for their full-size .grad.
-        late = "decompressed" if isinstance(trainer.strategy, DDPStrategy) else None
+        # DDP's buckets, which wait for their full-size .grad (and under FSDP2 those already
+        # sharded are skipped, with the reason in the table).
+        late = "decompressed" if isinstance(trainer.strategy, (DDPStrategy, ModelParallelStrategy)) else None
         self.compact.convert(pl_module, grad_mode=late)
         unmatched = self.compact.unmatched_targets()
         if unmatched:
@@ -281,7 +289,8 @@ class CompActCallback(Callback):
         self._decompressed_before_step = False
         if self.compact.compressed_layers:
             self._swap_optimizers(trainer)
-        self.compact.broadcast_weights()  # DDP broadcast only the parameters it manages
+        if isinstance(trainer.strategy, DDPStrategy):
+            self.compact.broadcast_weights()  # DDP broadcast only the parameters it manages
         self.compact.set_projection_dtype(_AUTOCAST_DTYPES.get(str(trainer.precision)))
         rank_zero_info(self.format_table(_activation_bytes(trainer)))
         self.compact.step(trainer.global_step)
