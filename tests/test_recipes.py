@@ -60,3 +60,19 @@ def test_quickstarts_need_no_hub_and_run_on_cpu(name):
     assert data["tokenizer"] == "byte" or data["tokenizer"] in PACKAGED
     assert cfg["model"]["init_args"]["model"].startswith("llama_") or cfg["model"]["init_args"]["model"] in PACKAGED
     assert cfg["compact"]["enabled"] is True and cfg["memory"]["enabled"] is True
+
+
+@pytest.mark.parametrize("size", ["1b", "7b"])
+def test_fsdp_recipes_shard_the_paper_batch_over_eight_gpus(size):
+    from lightning_compact.models import LLAMA_PRESETS
+
+    cfg = load(RECIPES / "pretrain" / f"llama_{size}_c4_fsdp.yaml")
+    trainer, model, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]["init_args"]
+    strategy = trainer["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy["init_args"] == {"data_parallel_size": trainer["devices"], "tensor_parallel_size": 1}
+    assert trainer["devices"] == 8 and trainer["precision"] == "bf16-mixed"
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 512
+    assert trainer["val_check_interval"] == 1000 * trainer["accumulate_grad_batches"]
+    assert model["model"] == f"llama_{size}" and model["model"] in LLAMA_PRESETS
+    assert cfg["compact"]["enabled"] and cfg["compact"]["rank"] == 0.25

@@ -8,13 +8,26 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.text import Perplexity
 
+from lightning_compact.distributed import is_dtensor
 from lightning_compact.models.hf import build_hf_model
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from lightning_compact.models.schedule import Decay, adamw_with_schedule
 
-__all__ = ["CausalLMModule", "build_llama"]
+__all__ = ["CausalLMModule", "build_llama", "decoder_layers"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks of a causal LM: this project's LLaMA, ``transformers``' LLaMA family or GPT-2."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        found: Any = model
+        for attr in path.split("."):
+            found = getattr(found, attr, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, gpt_neox.layers, model.decoder.layers)")
 
 
 def build_llama(preset: str, overrides: dict[str, Any] | None = None) -> LlamaForCausalLM:
@@ -96,6 +109,21 @@ class CausalLMModule(pl.LightningModule):
         # mode, which fit's (no_grad) validation cannot update in place: recreate them here.
         self.val_ppl.reset()
         self.test_ppl.reset()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard with FSDP2: each decoder layer, then the rest.
+
+        Runs after :class:`~lightning_compact.CompActCallback`'s ``setup``, so the converted
+        layers (and their ``weight_delta``) are sharded with their block.
+        """
+        if self.device_mesh is None or any(is_dtensor(p) for p in self.parameters()):
+            return  # not a model-parallel run, or sharded already (configure_model runs for each trainer call)
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in decoder_layers(self.model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids) if self.native else self.model(input_ids=input_ids).logits

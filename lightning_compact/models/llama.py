@@ -1,6 +1,6 @@
 """A LLaMA-style decoder (RMSNorm, rotary embeddings, SwiGLU, SDPA) with the paper's sizes.
 
-The presets are the GaLore/CompAct pretraining shapes (``llama_60m`` ... ``llama_1b``).
+The presets are the GaLore/CompAct pretraining shapes (``llama_60m`` ... ``llama_1b``) and ``llama_7b``.
 Linear layers are plain ``nn.Linear`` named like Hugging Face's LLaMA (``q_proj``,
 ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``,
 ``lm_head``) so CompAct's default filters treat both the same way.
@@ -55,6 +55,10 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
     "llama_130m": LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
     "llama_350m": LlamaConfig(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
     "llama_1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
+    # LLaMA-7B (Touvron et al. 2023), for sharded runs (recipes/pretrain/llama_7b_c4_fsdp.yaml).
+    "llama_7b": LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048
+    ),
 }
 
 
