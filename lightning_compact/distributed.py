@@ -1,4 +1,4 @@
-"""Data-parallel training with compressed gradients.
+"""Data-parallel and sharded training with compressed gradients.
 
 Every rank builds the same ``P`` (same seed, no global RNG), so averaging the
 compressed gradients ``Ĝ = G P`` across ranks gives exactly the compressed gradient
@@ -11,6 +11,11 @@ The weights themselves get no ``.grad`` in that mode, so DDP must not wait for o
 they are taken out of its buckets before it wraps the model (:func:`exclude_from_ddp`),
 and because DDP then no longer broadcasts them at start-up, :func:`broadcast_parameters`
 does.
+
+Under FSDP2 (``fully_shard``) each ``δ`` is sharded by rows like its weight, so FSDP2
+reduce-scatters ``Ĝ`` (again r/n of the traffic) and each rank holds the rows of ``Ĝ``
+that match its rows of ``W``: :func:`add_decompressed_` and :func:`decompress` apply the
+update and the gradient to those rows locally, with the same ``P`` on every rank.
 """
 
 from __future__ import annotations
@@ -63,7 +68,6 @@ def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0, group: di
         return
     for p in params:
         dist.broadcast(p.data, src=src, group=group)
-
 
 
 def _same_rows(update: torch.Tensor, weight: torch.Tensor) -> bool:
