@@ -60,6 +60,7 @@ from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, form
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
 from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, RunShape, llama_module, model_config, read_recipe
 from lightning_compact.memory.sdpa import cuda_attention_memory
+from lightning_compact.memory.sharded import STRATEGIES, add_gradients, ddp_bucket_bytes, fake_process_group, shard_for_fsdp2
 from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemoryTracker
 
 __all__ = [
@@ -201,19 +202,24 @@ def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) 
     with torch.no_grad():
         for p in model.parameters():
             if id(p) not in compressed_weights:  # those get their gradient through weight_delta
-                p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                p.grad = torch.zeros_like(p)  # a DTensor shard's gradient is one too
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True) -> Estimate:
+def estimate(
+    shape: RunShape, variant: Variant = Variant(), *, fake: bool = True, world_size: int = 1, strategy: str | None = None
+) -> Estimate:
     """Estimate (``fake=True``) or measure (``fake=False``, real CPU tensors) one variant's step.
 
     Args:
-        shape: model, batch, precision, device type.
+        shape: model, batch (per rank), precision, device type.
         variant: baseline or a CompAct rank and mode.
         fake: run on fake tensors (nothing allocated). ``False`` allocates everything on
-            the CPU: for checking the estimate on small models.
+            the CPU: for checking the estimate on small models (with ``strategy="fsdp2"``,
+            inside an initialised process group of ``world_size`` ranks).
+        world_size: ranks of a multi-process run; the figures are one rank's.
+        strategy: ``None`` (one process), ``"ddp"`` or ``"fsdp2"``; see :mod:`.sharded`.
 
     Raises:
         MemTrackerUnavailable: torch lacks the accounting API.
@@ -221,14 +227,29 @@ def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True
     """
     if not fake and shape.device_type != "cpu":
         raise ValueError("a real (fake=False) step runs on the CPU: use device_type='cpu'")
+    if strategy not in (None, *STRATEGIES):
+        raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
+    if world_size < 1 or (strategy is None and world_size != 1):
+        raise ValueError(f"world_size={world_size}: a positive int, and 1 unless a strategy is given")
     start = time.perf_counter()
     cuda = shape.device_type == "cuda"
     with contextlib.ExitStack() as stack:
+        mesh = None
+        if strategy == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if fake:
+                stack.enter_context(fake_process_group(world_size))
+            elif not (torch.distributed.is_initialized() and torch.distributed.get_world_size() == world_size):
+                raise RuntimeError(f"a real (fake=False) fsdp2 step needs an initialised process group of {world_size}")
+            mesh = init_device_mesh("cpu", (world_size,))  # outside FakeTensorMode: the mesh reads real ranks
         if fake:
             stack.enter_context(FakeTensorMode())
         if cuda:
             stack.enter_context(cuda_attention_memory())
         model, optimizer = build(shape, variant)
+        if mesh is not None:
+            shard_for_fsdp2(model, optimizer, mesh)
         vocab = model.config.vocab_size
         input_ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len))
         recorder = LinearInputRecorder(model)
@@ -250,6 +271,8 @@ def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True
                 micro_batch()  # runs with the previous micro-batch's gradients alive
             optimizer_step()
         step = tracker.result()
+        if strategy == "ddp":
+            step = add_gradients(step, ddp_bucket_bytes(model))
         formula = table1(model, recorder) if variant.rank is not None else None
         state_bytes = _state_bytes(optimizer)
         n_params = sum(p.numel() for p in model.parameters())

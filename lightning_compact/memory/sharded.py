@@ -1,0 +1,94 @@
+"""Per-rank memory of multi-process runs: the estimator's step on one rank of ``world_size``.
+
+* ``"fsdp2"``: the model is sharded as :class:`~lightning_compact.models.CausalLMModule`
+  shards it under ``ModelParallelStrategy`` (``fully_shard`` on each decoder layer, then
+  on the model; CompAct's ``δ`` sharded with its weight) and the step runs on rank 0 of
+  a *fake* process group of ``world_size`` ranks (torch's ``"fake"`` backend:
+  collectives return at once; every shape, and so every buffer, is a real rank's). The
+  tracker then counts what a rank holds: its parameter, gradient and optimizer-state
+  shards, the all-gathered parameters of the blocks in flight, and the reduce-scatter
+  buffers.
+* ``"ddp"``: the single-device step (every rank holds everything) plus DDP's gradient
+  buckets, a second copy of every gradient DDP reduces (``gradient_as_bucket_view`` is
+  off by default). In compressed mode DDP reduces each ``δ``'s ``Ĝ``, not the weight's
+  gradient, so the buckets shrink by r/n for converted weights too.
+
+The batch in :class:`~lightning_compact.memory.recipe.RunShape` is per rank (Lightning's
+``data.batch_size`` is per process). ``fake=False`` runs the same step on real CPU
+tensors inside an initialised process group of ``world_size`` ranks: that is how the
+estimate is checked against a real 2-process run (``tests/test_sharded_estimate.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_compact.layers import CompActLinear
+from lightning_compact.memory.breakdown import StepMemory
+
+__all__ = ["STRATEGIES", "add_gradients", "ddp_bucket_bytes", "fake_process_group", "shard_for_fsdp2"]
+
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """Rank 0 of a process group of ``world_size`` ranks whose collectives do nothing (shapes only)."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised: estimate a sharded run from a fresh process")
+    try:  # the fake backend's store lives in torch's testing package (private; torch 2.11-2.14 have it)
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as err:
+        raise RuntimeError(
+            f"per-rank estimates need torch's fake process group (torch.testing._internal.distributed.fake_pg), "
+            f"missing from torch {torch.__version__}; install torch 2.11-2.14"
+        ) from err
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_for_fsdp2(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Any) -> None:
+    """Shard ``model`` as ``CausalLMModule.configure_model`` does (CompAct's ``δ`` with its weight).
+
+    ``optimizer`` (made from ``model.parameters()``, no state yet) is pointed at the
+    sharded Parameters, which ``fully_shard`` makes anew.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_compact.models.causal_lm import decoder_layers
+    from lightning_compact.optim import CompActAdamW
+
+    if optimizer.state or len(optimizer.param_groups) != 1:
+        raise ValueError("shard_for_fsdp2 needs an optimizer without state, holding model.parameters() in one group")
+    layers = [m for m in model.modules() if isinstance(m, CompActLinear) and m.weight_delta is not None]
+    for layer in layers:
+        layer.set_grad_mode("compressed", materialize=True)  # FSDP2 shards only real storage
+    for block in decoder_layers(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer.param_groups[0]["params"] = list(model.parameters())
+    CompActAdamW.bind_layers(layers)
+
+
+def ddp_bucket_bytes(model: nn.Module) -> int:
+    """Bytes of DDP's gradient buckets: one copy of each gradient it reduces (compressed weights: their ``Ĝ``)."""
+    compressed = {id(m.weight) for m in model.modules() if isinstance(m, CompActLinear) and m.weight_delta is not None}
+    return sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and id(p) not in compressed
+    )
+
+
+def add_gradients(step: StepMemory, extra: int) -> StepMemory:
+    """``step`` with ``extra`` bytes of gradients alive throughout (DDP's buckets)."""
+    grow = lambda b: dataclasses.replace(b, gradients=b.gradients + extra)  # noqa: E731
+    return dataclasses.replace(step, peak=grow(step.peak), largest=grow(step.largest))
