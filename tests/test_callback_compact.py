@@ -179,8 +179,14 @@ def test_sharded_strategies_are_refused(strategy):
         instance = strategy()
     except Exception:  # e.g. deepspeed not installed: test the class check alone
         instance = strategy.__new__(strategy)
-    with pytest.raises(MisconfigurationException, match="not support"):
+    with pytest.raises(MisconfigurationException, match="not support.*ModelParallelStrategy"):
         _check_strategy(instance)
+
+
+def test_fsdp2_through_model_parallel_strategy_is_accepted():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    _check_strategy(ModelParallelStrategy())  # no exception: FSDP2 is supported (tests/test_fsdp.py trains with it)
 
 
 def _converted_weights(module):
