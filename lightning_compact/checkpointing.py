@@ -36,15 +36,16 @@ to narrow it, or a test on another class to checkpoint other models' blocks).
 The block's ``forward`` is wrapped on the instance (not the class, not a wrapper
 module): ``state_dict`` keys are unchanged and module hooks stay outside the
 checkpoint (they do not run twice). :func:`restore_checkpointing` removes the wrappers.
-Key-value cache arguments of transformers layers (``use_cache``, ``past_key_values``,
-...) are disabled inside a checkpointed training forward, as transformers' own
-gradient checkpointing does: the recomputation would append to the cache a second time.
+Key-value caches given to transformers layers (a ``Cache`` object, by name or by
+position, and ``past_key_values``/``layer_past``/``cache``; ``use_cache``) are dropped
+inside a checkpointed training forward, as transformers' own gradient checkpointing
+does: the recomputation would append to the cache a second time (with ``"selective"``,
+torch then reports ops "not found in storage").
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,10 +91,6 @@ def compute_intensive_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> 
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_context() -> tuple[Any, Any]:
-    return create_selective_checkpoint_contexts(compute_intensive_policy)
-
-
 def is_block(module: nn.Module) -> bool:
     """A transformer block :func:`apply_checkpointing` wraps by default."""
     from lightning_compact.models.llama import LlamaDecoderLayer
@@ -109,28 +106,53 @@ def is_block(module: nn.Module) -> bool:
     )
 
 
-# The original forward (an instance attribute or None) and the granularity, per wrapped module.
-_WRAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[Callable | None, str]] = weakref.WeakKeyDictionary()
+Policy = Callable[..., "CheckpointPolicy | bool"]
 
 
-def _checkpointed_forward(module: nn.Module, forward: Callable, granularity: str, *args: Any, **kwargs: Any) -> Any:
-    if not (module.training and torch.is_grad_enabled()):
-        # Evaluation or no_grad: no backward to recompute for.
-        return forward(*args, **kwargs)
-    if kwargs.get("use_cache"):
-        kwargs["use_cache"] = False
-    for name in _CACHE_KWARGS:
-        if kwargs.get(name) is not None:
-            kwargs[name] = None
-    if granularity == "selective":
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+class _CheckpointedForward:
+    """The instance ``forward`` of a wrapped block: the original forward under ``checkpoint``.
+
+    Kept on the module itself (not in a registry), so a deepcopy of the model is wrapped
+    the same way and can be restored the same way.
+    """
+
+    def __init__(self, module: nn.Module, granularity: str, policy: Policy) -> None:
+        self.module, self.granularity, self.policy = module, granularity, policy
+        # An instance forward set by someone else before us, put back by restore.
+        self.previous: Callable | None = module.__dict__.get("forward")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        forward = self.previous if self.previous is not None else functools.partial(type(module).forward, module)
+        if not (module.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)  # no backward, nothing to recompute
+        # A key-value cache would be appended to a second time by the recomputation: drop
+        # it, whether passed by name or by position (GPT-2 passes it positionally).
+        args = tuple(None if _is_kv_cache(a) else a for a in args)
+        kwargs = {k: None if k in _CACHE_KWARGS or _is_kv_cache(v) else v for k, v in kwargs.items()}
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if self.granularity == "selective":
+            context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _is_kv_cache(obj: Any) -> bool:
+    """A transformers ``Cache`` (``DynamicCache``, ...), recognised without importing transformers."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers.") for c in type(obj).__mro__)
+
+
+def _wrapper(module: nn.Module) -> _CheckpointedForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, _CheckpointedForward) else None
 
 
 def apply_checkpointing(
     model: nn.Module,
     granularity: str = "selective",
     module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    policy: Policy = compute_intensive_policy,
 ) -> nn.Module:
     """Checkpoint the forward of ``model``'s transformer blocks, in place; returns ``model``.
 
@@ -141,6 +163,9 @@ def apply_checkpointing(
         module_filter_fn: ``(module, name) -> bool``: the modules to wrap. Default:
             the recognised blocks (:func:`is_block`). Modules nested in a wrapped module
             are never wrapped.
+        policy: under ``"selective"``, ``(ctx, op, *args, **kwargs) -> CheckpointPolicy``
+            (torch's selective checkpointing policy; ``op`` is an ``aten`` overload):
+            which op outputs to keep. Default :func:`compute_intensive_policy`.
 
     Calling it again with another granularity switches; modules already wrapped with
     the same one are left as they are. Undo with :func:`restore_checkpointing`.
@@ -152,39 +177,38 @@ def apply_checkpointing(
     for name, module in model.named_modules():
         if skip_prefix is not None and name.startswith(skip_prefix):
             continue
-        if module is model or not accept(module, name):
+        if not accept(module, name):
             continue
-        skip_prefix = name + "."
-        if module in _WRAPPED:
-            if _WRAPPED[module][1] == granularity:
+        skip_prefix = name + "." if name else ""
+        wrapper = _wrapper(module)
+        if wrapper is not None:
+            if wrapper.granularity == granularity and wrapper.policy is policy:
                 continue
             _unwrap(module)
-        original = module.__dict__.get("forward")
-        _WRAPPED[module] = (original, granularity)
-        # functools.partial over the bound forward: deepcopy and pickling keep working.
-        module.forward = functools.partial(_checkpointed_forward, module, module.forward, granularity)
+        module.forward = _CheckpointedForward(module, granularity, policy)
     return model
 
 
 def _unwrap(module: nn.Module) -> None:
-    original, _ = _WRAPPED.pop(module)
-    if original is None:
+    wrapper = _wrapper(module)
+    if wrapper is None:
+        return
+    if wrapper.previous is None:
         del module.forward
     else:
-        module.forward = original
+        module.forward = wrapper.previous
 
 
 def restore_checkpointing(model: nn.Module) -> nn.Module:
     """Remove what :func:`apply_checkpointing` added under ``model``, in place; returns ``model``."""
     for module in model.modules():
-        if module in _WRAPPED:
-            _unwrap(module)
+        _unwrap(module)
     return model
 
 
 def checkpointed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """``(name, module, granularity)`` for each module of ``model`` wrapped by :func:`apply_checkpointing`."""
     for name, module in model.named_modules():
-        if module in _WRAPPED:
-            yield name, module, _WRAPPED[module][1]
-
+        wrapper = _wrapper(module)
+        if wrapper is not None:
+            yield name, module, wrapper.granularity
