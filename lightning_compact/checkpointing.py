@@ -22,6 +22,17 @@ optimizer steps). The tests check losses and every gradient (``weight_delta.grad
 compressed mode, ``weight.grad`` in decompressed mode) against the same model without
 checkpointing.
 
+Custom autograd Functions (CompAct's, the lean norms and activations) need nothing
+special: selective checkpointing works on the aten ops their forwards run, and what
+they save goes through the checkpoint's saved-tensor hooks like any op's. What it does
+need is a recomputation that runs the very same ops in the same order (torch replays
+the kept outputs by position): CompAct's shared ``x·P`` (``share_projection=True``)
+is therefore held for as long as its input lives, not only while autograd keeps it.
+
+Measuring: what selective checkpointing keeps lives in its own cache, not in autograd's
+saved tensors, so ``saved_tensors_hooks`` (and ``SavedActivationTracker``) see only the
+blocks' inputs; ``benchmarks/checkpointing_memory.py`` counts live storages instead.
+
 Recognised blocks (a block inside an already wrapped block is left alone):
 
 * this project's ``LlamaDecoderLayer``;
