@@ -256,3 +256,26 @@ def test_lean_activations_checkpointing_in_a_trainer(tmp_path, granularity, capl
 def test_lean_activations_rejects_an_unknown_granularity():
     with pytest.raises(ValueError, match="checkpointing"):
         LeanActivations(checkpointing="all")
+
+
+# ---------------------------------------------------------------- the shared x·P (functional.py)
+
+
+def test_shared_x_p_is_not_reused_after_an_in_place_resample():
+    # The shared x·P is held while its input lives (selective checkpointing needs it), so
+    # it must also notice a new window written into the same key tensor.
+    from lightning_compact.functional import compact_linear, observe_compressed_inputs
+    from lightning_compact.projection import build_projection, seed_keys
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    keys = torch.tensor(seed_keys(1), dtype=torch.int32)
+    seen: list[torch.Tensor] = []
+    with observe_compressed_inputs(lambda input, compressed: seen.append(compressed)):
+        compact_linear(x, w, rank=2, seed=keys, share_compressed=True)
+        compact_linear(x, w, rank=2, seed=keys, share_compressed=True)
+        keys.copy_(torch.tensor(seed_keys(2), dtype=torch.int32))  # what a resample does
+        compact_linear(x, w, rank=2, seed=keys, share_compressed=True)
+    assert seen[1] is seen[0] and seen[2] is not seen[0]
+    assert rel_err(seen[2], x @ build_projection(8, 2, keys, dtype=torch.float64)) <= F64_TOL
