@@ -111,6 +111,20 @@ def test_lean_and_compact_checkpointed_have_the_same_loss_and_gradients(granular
     _assert_same(ref, apply_checkpointing(copy.deepcopy(ref), granularity), _llama_loss)
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_bf16_autocast_checkpointed_has_the_same_loss_and_gradients(granularity):
+    # The recomputation runs under the forward's autocast state: the same bf16 ops.
+    ref = _llama(grad_mode="compressed").float()
+    test = apply_checkpointing(copy.deepcopy(ref), granularity)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r_loss, r_grads = _loss_and_grads(ref, _llama_loss)
+        loss, grads = _loss_and_grads(test, _llama_loss)
+    assert torch.equal(loss, r_loss)
+    assert grads.keys() == r_grads.keys()
+    for name, grad in r_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
 # ---------------------------------------------------------------- transformers models
 
 transformers = pytest.importorskip("transformers")
