@@ -225,14 +225,21 @@ def test_restore_and_reapply():
         apply_checkpointing(model, "everything")
 
 
-def test_eval_and_no_grad_forwards_are_plain():
+def test_eval_and_no_grad_forwards_are_plain(monkeypatch):
+    import lightning_compact.checkpointing as ckpt
+
+    calls: list[int] = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = apply_checkpointing(_llama(grad_mode="compressed"), "selective")
+    ref = restore_checkpointing(copy.deepcopy(model))
     tokens = _tokens(CONFIG.vocab_size)
     with torch.no_grad():
-        out = model(tokens)
-    ref = restore_checkpointing(copy.deepcopy(model))
-    with torch.no_grad():
-        assert torch.equal(out, ref(tokens))
+        assert torch.equal(model(tokens), ref(tokens))
+    assert torch.equal(model.eval()(tokens), ref.eval()(tokens))
+    assert calls == []  # neither a no_grad nor an eval forward goes through checkpoint
+    model.train()(tokens, labels=tokens)
+    assert len(calls) == CONFIG.num_hidden_layers
 
 
 # ---------------------------------------------------------------- Lightning
