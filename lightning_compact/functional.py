@@ -171,7 +171,10 @@ def compact_linear(
         if sharing:
             # Which P: the very cache or key tensor (siblings share one), or the int seed.
             which = id(proj) if proj is not None else (id(seed) if isinstance(seed, torch.Tensor) else seed)
-            key = (rank, which, projection, input.dtype)
+            # ... and its version: a resample writes the keys or the cache in place.
+            p_source = proj if proj is not None else seed
+            p_version = p_source._version if isinstance(p_source, torch.Tensor) else None
+            key = (rank, which, p_version, projection, input.dtype)
             compressed = _SHARED_COMPRESSION.get(source, key)
         if compressed is None:
             with torch.no_grad():
@@ -192,8 +195,10 @@ class _LastCompression:
     """The most recent shareable ``x·P``, keyed by the very input tensor (and its version).
 
     Layers reading one input with one projection (q, k, v; gate, up) run one after the
-    other, so one slot is enough. Only weak references are held: the entry dies with the
-    input or with the compressed tensor (freed after the backward).
+    other, so one slot is enough. The input is held weakly and the entry dies with it;
+    the ``x·P`` is held strongly, because under activation checkpointing autograd does
+    not keep it, and the siblings must find it in the forward as in its recomputation
+    (selective checkpointing replays the kept matmuls in the order they first ran).
     """
 
     def __init__(self) -> None:
@@ -202,13 +207,17 @@ class _LastCompression:
     def get(self, source: torch.Tensor, key: tuple) -> torch.Tensor | None:
         if self._entry is None:
             return None
-        source_ref, version, entry_key, compressed_ref = self._entry
+        source_ref, version, entry_key, compressed = self._entry
         if source_ref() is source and version == source._version and entry_key == key:
-            return compressed_ref()
+            return compressed
         return None
 
     def put(self, source: torch.Tensor, key: tuple, compressed: torch.Tensor) -> None:
-        self._entry = (weakref.ref(source), source._version, key, weakref.ref(compressed))
+        self._entry = (weakref.ref(source, self._drop), source._version, key, compressed)
+
+    def _drop(self, source_ref: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is source_ref:
+            self._entry = None
 
 
 _SHARED_COMPRESSION = _LastCompression()

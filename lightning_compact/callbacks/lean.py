@@ -10,7 +10,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_compact.lean.swap import LeanReport, apply_lean
+from lightning_compact.checkpointing import (
+    GRANULARITIES,
+    apply_checkpointing,
+    checkpointed_modules,
+    is_block,
+    restore_checkpointing,
+)
+from lightning_compact.lean.swap import LeanReport, LeanSwap, apply_lean
 
 __all__ = ["LeanActivations"]
 
@@ -28,6 +35,16 @@ class LeanActivations(Callback):
     checkpoints are unaffected; combine freely with
     :class:`~lightning_compact.CompActCallback` (which compresses the linears' inputs).
 
+    With ``checkpointing`` the transformer blocks (this project's LLaMA; transformers
+    decoder layers, ``GPT2Block``, BERT/RoBERTa layers) also run under activation
+    checkpointing (:func:`~lightning_compact.checkpointing.apply_checkpointing`):
+    ``"selective"`` keeps the outputs of matmuls and attention (CompAct's ``x·P``
+    included) and recomputes norms, activations, adds and rotary in the backward;
+    ``"blocks"`` keeps only each block's input and recomputes the whole block (the least
+    memory, one more forward of the blocks). CompAct's projections are the same in the
+    recomputation; losses and gradients are unchanged. This is the one swap undone at
+    ``teardown``.
+
     With ``loss=True`` a causal LM's *training* forward (labels given, gradients on)
     returns the loss without logits (``logits=None`` for transformers models); a
     ``training_step`` that needs the logits should pass ``loss=False``.
@@ -41,10 +58,13 @@ class LeanActivations(Callback):
         module_filter_fn: ``(module, name) -> bool``; only modules it accepts are swapped.
         chunk_size: tokens per chunk of the loss (default: chunk logits about the size of
             the hidden states).
+        checkpointing: ``None`` (off), ``"selective"`` or ``"blocks"``. Blocks are chosen
+            by ``module_filter_fn`` too when it is given.
 
     Example::
 
         trainer = Trainer(callbacks=[LeanActivations(), CompActCallback(rank=0.25)])
+        trainer = Trainer(callbacks=[LeanActivations(checkpointing="blocks"), CompActCallback(rank=0.25)])
     """
 
     def __init__(
@@ -54,10 +74,14 @@ class LeanActivations(Callback):
         loss: bool = True,
         module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
         chunk_size: int | None = None,
+        checkpointing: str | None = None,
     ) -> None:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"LeanActivations(chunk_size={chunk_size!r}): must be a positive int or None")
+        if checkpointing is not None and checkpointing not in GRANULARITIES:
+            raise ValueError(f"LeanActivations(checkpointing={checkpointing!r}): must be None or one of {GRANULARITIES}")
         self.norms, self.mlp, self.loss = norms, mlp, loss
+        self.checkpointing = checkpointing
         self.module_filter_fn = module_filter_fn
         self.chunk_size = chunk_size
         self.report = LeanReport()
@@ -68,6 +92,18 @@ class LeanActivations(Callback):
             pl_module, norms=self.norms, mlp=self.mlp, loss=self.loss,
             module_filter_fn=self.module_filter_fn, chunk_size=self.chunk_size, report=self.report,
         )
+        if self.checkpointing is None:
+            return
+        filter_fn = self.module_filter_fn
+        apply_checkpointing(
+            pl_module, self.checkpointing,
+            module_filter_fn=None if filter_fn is None else (lambda m, n: is_block(m) and filter_fn(m, n)),
+        )
+        # Listed once per block, however many times setup runs.
+        listed = {e.name for e in self.report.entries if e.op == f"checkpoint({self.checkpointing})"}
+        for name, module, granularity in checkpointed_modules(pl_module):
+            if name not in listed:
+                self.report.entries.append(LeanSwap(name, type(module).__name__, f"checkpoint({granularity})"))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -80,3 +116,10 @@ class LeanActivations(Callback):
         if not self._table_printed:
             rank_zero_info(self.report.table())
             self._table_printed = True
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The other swaps are kept (they change no result); the wrappers go, so the module
+        # leaves the Trainer as plain as it came (the next setup wraps it again).
+        if self.checkpointing is not None:
+            restore_checkpointing(pl_module)
