@@ -19,9 +19,9 @@ TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidde
 def test_presets_are_selectable_by_name_and_overridable():
     model = build_llama("llama_130m", TINY)
     assert model.config.hidden_size == 32 and model.config.vocab_size == 64
-    assert set(LLAMA_PRESETS) == {"llama_60m", "llama_130m", "llama_350m", "llama_1b"}
+    assert set(LLAMA_PRESETS) == {"llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b"}
     with pytest.raises(ValueError, match="llama_60m"):
-        build_llama("llama_7b")
+        build_llama("llama_13b")
     with pytest.raises(ValueError, match="hidden_dim"):
         build_llama("llama_60m", {"hidden_dim": 8})
 
