@@ -64,6 +64,7 @@ from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemor
 
 __all__ = [
     "DEFAULT_RANKS",
+    "LEAN_OPTIONS",
     "MODES",
     "Estimate",
     "Variant",
@@ -72,6 +73,7 @@ __all__ = [
     "estimate_variants",
     "forward_backward",
     "main",
+    "recipe_variant",
     "variants",
 ]
 
@@ -82,22 +84,52 @@ DEFAULT_RANKS: tuple[float, ...] = (0.5, 0.25, 0.125)
 MODES: tuple[str, ...] = ("compressed", "decompressed")
 
 
+# apply_lean's options (lightning_compact.lean.apply_lean / LeanActivations), in label order.
+LEAN_OPTIONS: tuple[str, ...] = ("norms", "mlp", "loss")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One configuration to estimate: the baseline (``rank=None``) or CompAct at ``rank`` in ``mode``."""
+    """One configuration to estimate.
+
+    Attributes:
+        rank: CompAct's rank, or ``None`` for no CompAct.
+        mode: CompAct's gradient mode (:data:`MODES`).
+        lean: which :data:`LEAN_OPTIONS` are on (``apply_lean``, as ``LeanActivations`` does).
+        checkpointing: an activation-checkpointing granularity
+            (:func:`~lightning_compact.memory.checkpointing_options.checkpointing_granularities`), or ``None``.
+        name: a label to show instead of the generated one (``"recipe"``); not part of equality.
+    """
 
     rank: int | float | None = None
     mode: str = "compressed"
+    lean: tuple[str, ...] = ()
+    checkpointing: str | None = None
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        unknown = sorted(set(self.lean) - set(LEAN_OPTIONS))
+        if unknown:
+            raise ValueError(f"lean options must be among {LEAN_OPTIONS}, got {unknown}")
+        # One spelling per set, so equal configurations hash alike (the planner caches by Variant).
+        object.__setattr__(self, "lean", tuple(o for o in LEAN_OPTIONS if o in self.lean))
+        if self.checkpointing is not None:
+            from lightning_compact.memory.checkpointing_options import get_checkpointing
+
+            get_checkpointing(self.checkpointing)  # fail early, naming the known ones
 
     @property
     def label(self) -> str:
-        if self.rank is None:
-            return "baseline"
-        return f"CompAct {rank_label(self.rank)} {self.mode}"
+        if self.name is not None:
+            return self.name
+        parts = [] if self.rank is None else [f"CompAct {rank_label(self.rank)} {self.mode}"]
+        if self.lean:
+            parts.append("lean" if self.lean == LEAN_OPTIONS else f"lean {'+'.join(self.lean)}")
+        if self.checkpointing is not None:
+            parts.append(f"checkpointing {self.checkpointing}")
+        return " + ".join(parts) or "baseline"
 
 
 def rank_label(rank: int | float) -> str:
@@ -156,13 +188,15 @@ def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.dev
     """The model (in training mode) and optimizer of one variant, as the estimator runs them.
 
     Parameters are made directly in the precision's dtype on ``device``; CompAct
-    variants are converted, and the compressed mode gets ``CompActAdamW``.
+    variants are converted (the compressed mode gets ``CompActAdamW``), then the lean
+    options are applied as ``LeanActivations`` would, then the checkpointing granularity.
     """
     llama = llama_module()
     param_dtype, _ = _dtypes(shape.precision)
     with _default_dtype(param_dtype), torch.device(device):
         model = llama.LlamaForCausalLM(model_config(shape.model, shape.config_overrides))
     model.train()
+    optimizer: torch.optim.Optimizer | None = None
     if variant.rank is not None:
         extra = {} if shape.exclude_modules is None else {"exclude_modules": tuple(shape.exclude_modules)}
         compress = variant.mode == "compressed"
@@ -171,9 +205,40 @@ def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.dev
         if compress:
             from lightning_compact.optim import CompActAdamW
 
-            return model, CompActAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    # torch's AdamW defaults to the multi-tensor path on CUDA and the per-tensor one on CPU.
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=shape.device_type == "cuda")
+            optimizer = CompActAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    if variant.lean:
+        from lightning_compact.lean import apply_lean
+
+        apply_lean(model, **{option: option in variant.lean for option in LEAN_OPTIONS})
+    if variant.checkpointing is not None:
+        from lightning_compact.memory.checkpointing_options import get_checkpointing
+
+        get_checkpointing(variant.checkpointing).apply(model)
+    if optimizer is None:
+        # torch's AdamW defaults to the multi-tensor path on CUDA and the per-tensor one on CPU.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=shape.device_type == "cuda")
+    return model, optimizer
+
+
+@contextlib.contextmanager
+def cuda_loss_chunks() -> Iterator[None]:
+    """The chunked loss's CUDA chunk size while the estimator runs on the (fake) CPU device.
+
+    On CPU the chunked lm_head + loss takes chunks of at least ``CPU_MIN_CHUNK`` tokens
+    (a CPU speed rule); on CUDA it takes liger-kernel's rule (chunk logits about the size
+    of the hidden states). The chunk's logits are transient, but at 350M they are tens
+    of MiB, so the estimate of a CUDA run uses the CUDA rule. The backend is the torch
+    one in both cases (a fake CPU tensor never selects liger-kernel or cut-cross-entropy);
+    liger-kernel's fused kernel keeps the same two gradients for backward.
+    """
+    from lightning_compact.lean import cross_entropy
+
+    previous = cross_entropy.CPU_MIN_CHUNK
+    cross_entropy.CPU_MIN_CHUNK = 1
+    try:
+        yield
+    finally:
+        cross_entropy.CPU_MIN_CHUNK = previous
 
 
 def forward_backward(model: nn.Module, input_ids: torch.Tensor, precision: str) -> None:
@@ -228,6 +293,7 @@ def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True
             stack.enter_context(FakeTensorMode())
         if cuda:
             stack.enter_context(cuda_attention_memory())
+            stack.enter_context(cuda_loss_chunks())
         model, optimizer = build(shape, variant)
         vocab = model.config.vocab_size
         input_ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len))
@@ -261,6 +327,11 @@ def variants(ranks: Sequence[int | float] = DEFAULT_RANKS, modes: Sequence[str] 
     return [Variant(), *(Variant(rank, mode) for rank in ranks for mode in modes)]
 
 
+def recipe_variant(shape: RunShape) -> Variant:
+    """The recipe exactly as configured (its CompAct rank and mode, lean options, checkpointing), labelled ``"recipe"``."""
+    return Variant(shape.compact_rank, shape.grad_mode, shape.lean, shape.checkpointing, name="recipe")
+
+
 def estimate_variants(shape: RunShape, chosen: Sequence[Variant], *, progress: bool = False) -> list[Estimate]:
     """:func:`estimate` for each variant, in order."""
     results = []
@@ -286,10 +357,11 @@ def report(shape: RunShape, results: Sequence[Estimate], units: str = "GiB") -> 
     n_params = results[0].parameters if results else 0
     lines = [f"Estimated peak memory of one training step: {describe(shape)} ({n_params / 1e6:.1f}M parameters)", ""]
     rows = {r.variant.label: r.peak for r in results}
-    base = next((r for r in results if r.variant.rank is None), None)
+    base = next((r for r in results if r.variant == Variant()), None)
     lines.append(format_table(rows, units, baseline=base.variant.label if base else None))
     lines += ["", "Categories at the moment of the peak; storages shared by several tensors counted once."]
-    compact = [r for r in results if r.table1 is not None]
+    # Table 1 covers CompAct alone: rows that also change other activations are left out.
+    compact = [r for r in results if r.table1 is not None and not r.variant.lean and r.variant.checkpointing is None]
     if base is not None and compact:
         lines += ["", f"Savings against the baseline ({units}): paper's Table 1 formula / measured here", ""]
         header = ["", "gradients", "optimizer states", "linear inputs"]
@@ -326,6 +398,8 @@ def to_json(shape: RunShape, results: Sequence[Estimate]) -> dict[str, Any]:
                 "label": r.variant.label,
                 "rank": r.variant.rank,
                 "mode": None if r.variant.rank is None else r.variant.mode,
+                "lean": list(r.variant.lean),
+                "checkpointing": r.variant.checkpointing,
                 "peak": r.peak.as_dict(),
                 "largest": r.step.largest.as_dict(),
                 "optimizer_state_bytes": r.optimizer_state_bytes,
@@ -461,8 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         if shape.compact_rank is not None and shape.compact_rank not in ranks:
             ranks.append(shape.compact_rank)
     modes = list(dict.fromkeys(args.modes))
+    chosen = variants(ranks, modes)
+    if args.config is not None:
+        chosen.append(recipe_variant(shape))  # the recipe as configured: CompAct, lean options, checkpointing
     print(f"Estimating {describe(shape)} ...", file=sys.stderr, flush=True)
-    results = estimate_variants(shape, variants(ranks, modes), progress=True)
+    results = estimate_variants(shape, chosen, progress=True)
     print(report(shape, results, args.units))
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(shape, results), indent=2))
