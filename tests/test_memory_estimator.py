@@ -283,7 +283,7 @@ def test_json_lists_the_recipe_as_configured_under_recipe(tmp_path):
     overrides = "{" + ", ".join(f"{k}: {v}" for k, v in SMALL.items()) + "}"
     recipe.write_text(
         "trainer: {accelerator: cpu, precision: 32, callbacks: [{class_path: lightning_compact.LeanActivations}]}\n"
-        f"model: {{model: llama_60m, config_overrides: {overrides}}}\ndata: {{batch_size: 2, seq_len: 32}}\n"
+        f"model: {{model: llama_60m, config_overrides: {overrides}}}\ndata: {{batch_size: 8, seq_len: 64}}\n"
         "compact: {rank: 0.125, grad_mode: decompressed}\n"
     )
     out = tmp_path / "est.json"
