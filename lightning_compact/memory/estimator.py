@@ -500,6 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=Path("memory_estimate.png"), help="bar chart to write (PNG)")
     parser.add_argument("--no_plot", action="store_true", help="do not write the chart")
     parser.add_argument("--json", type=Path, help="also write the figures (bytes) as JSON here")
+    planner = parser.add_argument_group(
+        "planner", "With --budget: search CompAct rank and mode, lean activations, checkpointing and the micro-batch "
+        "(keeping the global batch through gradient accumulation) for the fastest configuration that fits, and print "
+        "it as YAML and flags (lightning_compact.memory.planner states the cost model)."
+    )
+    planner.add_argument("--budget", help="device memory to fit, e.g. 24GiB, 40GB (a bare number is GiB)")
+    planner.add_argument("--plan.lean", dest="plan_lean", choices=("both", "on", "off"), default="both",
+                         help="try lean activations (LeanActivations) on, off or both (default both)")
+    planner.add_argument("--plan.checkpointing", dest="plan_checkpointing", nargs="+", metavar="GRANULARITY",
+                         help="checkpointing to try: none and/or granularities (default: none and every registered one)")
+    planner.add_argument("--plan.micro_batches", dest="plan_micro_batches", nargs="+", type=int, metavar="N",
+                         help="micro-batch sizes to consider (default: every divisor of the global batch)")
+    planner.add_argument("--plan.headroom", dest="plan_headroom", type=float, default=0.05,
+                         help="fraction of the budget left free for the CUDA context, workspaces and fragmentation (default 0.05)")
     return parser
 
 
@@ -535,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         if shape.compact_rank is not None and shape.compact_rank not in ranks:
             ranks.append(shape.compact_rank)
     modes = list(dict.fromkeys(args.modes))
+    if args.budget is not None:
+        return _plan_main(parser, args, shape, ranks, modes)
     chosen = variants(ranks, modes)
     if args.config is not None:
         chosen.append(recipe_variant(shape))  # the recipe as configured: CompAct, lean options, checkpointing
@@ -552,6 +568,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.plot}")
         except ImportError:
             print("matplotlib is not installed: no chart written (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _plan_main(parser: argparse.ArgumentParser, args: argparse.Namespace, shape: RunShape, ranks: list[int | float], modes: list[str]) -> int:
+    """``estimate --budget``: run the planner, print its table and pick (exit status 1 when nothing fits)."""
+    from lightning_compact.memory import planner
+
+    try:
+        budget = planner.parse_size(args.budget)
+        granularities = None if args.plan_checkpointing is None else [None if g == "none" else g for g in args.plan_checkpointing]
+        lean = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_lean]
+        print(f"Planning {describe(shape)} within {args.budget} ...", file=sys.stderr, flush=True)
+        result = planner.plan(shape, budget, ranks=ranks, modes=modes, lean=lean, checkpointing=granularities,
+                              micro_batches=args.plan_micro_batches, headroom=args.plan_headroom, progress=True)
+    except planner.PlanError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        parser.error(str(err))
+    print(planner.plan_report(result, args.units))
+    if args.json is not None:
+        args.json.write_text(json.dumps(planner.plan_to_json(result), indent=2))
+        print(f"\nwrote {args.json}")
     return 0
 
 
