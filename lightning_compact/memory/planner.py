@@ -149,6 +149,22 @@ def _divisors(n: int) -> list[int]:
     return sorted({d for i in range(1, int(math.isqrt(n)) + 1) if n % i == 0 for d in (i, n // i)}, reverse=True)
 
 
+def _no_more_memory(u: Variant, v: Variant) -> bool:
+    """Whether ``u`` needs no more memory than ``v`` at the same micro-batch (a partial order, assumed:
+    a smaller fractional rank, compressed over decompressed, more lean options, checkpointing over none)."""
+    ru, rv = (1.0 if x.rank is None else x.rank for x in (u, v))
+    if isinstance(ru, int) or isinstance(rv, int):
+        if u.rank != v.rank:
+            return False  # absolute ranks do not compare with fractions
+    elif ru > rv:
+        return False
+    if u.rank is not None and v.rank is not None and u.mode != v.mode and u.mode != "compressed":
+        return False
+    if not set(v.lean) <= set(u.lean):
+        return False
+    return u.checkpointing == v.checkpointing or (v.checkpointing is None and u.checkpointing is not None)
+
+
 def _complexity(v: Variant) -> int:
     return (v.rank is not None) + bool(v.lean) + (v.checkpointing is not None)
 
@@ -211,8 +227,17 @@ def plan(
         n = parameters if parameters is not None else 0
         return cost_model.factor(v) * cost_model.accumulation(global_batch // m, tokens, n, config.num_hidden_layers)
 
+    def implied_too_big(v: Variant, m: int) -> Trial | None:
+        # A configuration needing no more memory was too big at this or a smaller micro-batch.
+        return next((t for t in trials if t.peak is not None and not t.fits and t.micro_batch <= m
+                     and _no_more_memory(t.variant, v)), None)
+
     def run(v: Variant, m: int) -> Trial:
         nonlocal parameters
+        if (v, m) not in cache and (reason := implied_too_big(v, m)) is not None:
+            cache[(v, m)] = Trial(v, m, global_batch // m, None, False, cost(v, m),
+                                  f"too big: {reason.variant.label} was at micro-batch {reason.micro_batch}")
+            trials.append(cache[(v, m)])
         if (v, m) not in cache:
             k = global_batch // m
             result = estimator(dataclasses.replace(shape, batch_size=m, accumulate_grad_batches=k), v)
@@ -249,7 +274,7 @@ def plan(
             best = found
     if best is None:
         raise PlanError(_nothing_fits(shape, budget, limit, trials, lean, checkpointing, ranks))
-    trials = [dataclasses.replace(t, cost=cost(t.variant, t.micro_batch)) if t.peak is not None else t for t in trials]
+    trials = [dataclasses.replace(t, cost=cost(t.variant, t.micro_batch)) if t.micro_batch else t for t in trials]
     pick = next(t for t in trials if t.variant == best.variant and t.micro_batch == best.micro_batch)
     return Plan(shape, budget, limit, global_batch, dataclasses.replace(pick, note="pick"), trials)
 
@@ -316,7 +341,9 @@ def plan_report(plan_: Plan, units: str = "GiB") -> str:
     header = ["configuration", "micro-batch", "accum", f"peak {units}", "fits", "cost", ""]
     rows = [header]
     for t in plan_.trials:
-        if t.peak is None:
+        if t.peak is None and t.micro_batch:
+            rows.append([t.variant.label, str(t.micro_batch), str(t.accumulate), "-", "no", f"{t.cost:.3f}", t.note])
+        elif t.peak is None:
             rows.append([t.variant.label, "-", "-", "-", "-", f"≥{t.cost:.3f}", t.note])
         else:
             note = "<- pick" if (t.variant, t.micro_batch) == (plan_.pick.variant, plan_.pick.micro_batch) else t.note
