@@ -11,6 +11,12 @@ savings are printed beside the paper's Table 1 formula (:mod:`.formula`).
 
 What is modelled, and how:
 
+* Lean activations (``Variant(lean=...)``: :func:`~lightning_compact.lean.apply_lean`, as
+  ``LeanActivations`` does) and activation checkpointing (``Variant(checkpointing=...)``:
+  a granularity of :mod:`.checkpointing_options`, e.g. ``torch.utils.checkpoint`` around
+  each decoder layer) run as they would on real tensors: what they save, recompute and
+  free is measured, not modelled. The chunked loss runs on its torch backend (liger-kernel
+  keeps the same two gradients) with CUDA's chunk size when a CUDA run is estimated.
 * Precision as Lightning applies it: ``*-true`` builds the parameters in that dtype;
   ``*-mixed`` keeps float32 parameters and runs the forward under autocast. (The
   fp16 gradient scaler's few bytes are not modelled.)
@@ -37,6 +43,7 @@ Command line (wired as ``lightning-compact estimate``)::
 
     lightning-compact estimate --config recipes/pretrain/llama_350m_c4.yaml
     lightning-compact estimate --model llama_7b --data.batch_size 4 --data.seq_len 2048 --trainer.precision bf16-true
+    lightning-compact estimate --config recipes/pretrain/llama_1b_c4.yaml --budget 40GiB   # the planner (.planner)
 """
 
 from __future__ import annotations
