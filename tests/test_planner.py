@@ -128,3 +128,21 @@ def test_command_line_says_what_to_try_when_nothing_fits(capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "nothing fits" in err and "lean activations (--plan.lean both)" in err
+
+
+def test_a_registered_checkpointing_granularity_is_searched_with_its_own_factor(monkeypatch):
+    from lightning_compact.memory import checkpointing_options as co
+
+    monkeypatch.setattr(co, "_REGISTRY", dict(co._REGISTRY))
+    # The model is never built here (the estimator is stubbed), so apply does nothing.
+    co.register_checkpointing(co.CheckpointGranularity("every_other", lambda model: None, 1.02, "test", recomputes_matmuls=False))
+    assert CostModel().factor(Variant(checkpointing="every_other")) == 1.02
+    calls: list = []
+    result = plan(tiny_shape(batch_size=8, accumulate_grad_batches=8, seq_len=256), 200 * KIB, ranks=(), modes=("compressed",),
+                  lean=(False,), headroom=0.0, estimator=_stub_estimator(calls))
+    # All searched (a "selective" from lightning_compact.checkpointing too, where that module exists).
+    assert {None, "blocks", "every_other"} <= {t.variant.checkpointing for t in result.trials}
+    assert "every_other" in {v.checkpointing for v, _ in calls}
+    assert result.pick.variant.checkpointing == "every_other"  # as small as blocks in the stub, and cheaper
+    # blocks (1.263) could not beat it and was never estimated.
+    assert all(t.note.startswith("skipped") for t in result.trials if t.variant.checkpointing == "blocks")
