@@ -292,3 +292,18 @@ def test_json_lists_the_recipe_as_configured_under_recipe(tmp_path):
     assert {"baseline", "CompAct n/4 compressed", "recipe"} <= set(rows)
     assert (rows["recipe"]["rank"], rows["recipe"]["mode"], rows["recipe"]["lean"]) == (0.125, "decompressed", list(LEAN_ALL))
     assert rows["recipe"]["peak"]["total"] < rows["CompAct n/4 decompressed"]["peak"]["total"]
+
+
+def test_every_registered_checkpointing_granularity_runs_under_the_cuda_model():
+    # Checkpointing recomputes in the backward, where torch function modes do not apply:
+    # the CUDA attention stand-in must still be the attention that runs (else the
+    # recomputation runs other ops than the forward and torch's checkpoint refuses).
+    from lightning_compact.memory.checkpointing_options import checkpointing_granularities
+
+    shape = small_shape(precision="bf16-mixed", device_type="cuda")
+    base = estimate(shape).step.largest.activations
+    for name in checkpointing_granularities():
+        assert estimate(shape, Variant(checkpointing=name)).step.largest.activations < base, name
+    from lightning_compact.memory import sdpa
+
+    assert F.scaled_dot_product_attention is sdpa._ORIGINAL_SDPA  # restored after the estimate

@@ -51,12 +51,7 @@ class Checkpointed(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         # No dropout in these models: the RNG state need not be stashed (and a real RNG
         # tensor would not mix with fake ones under the estimator's FakeTensorMode).
-        # determinism_check="none": the estimator's CUDA attention stand-in (memory.sdpa)
-        # runs in the backward's recomputation too, where torch's metadata check trips
-        # over the order in which it saves; the values are not compared, only metadata.
-        return torch.utils.checkpoint.checkpoint(
-            self.layer, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none"
-        )
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
