@@ -6,6 +6,12 @@ Methods, all on the same LLaMA model, batch and precision:
 * ``CompAct n/4|n/8 compressed``: the paper's method (compressed gradients, ``CompActAdamW``).
 * ``CompAct n/4|n/8 decompressed``: gradient decompression, torch AdamW.
 * ``checkpointing``: ``torch.utils.checkpoint`` around every decoder layer (non-reentrant), AdamW.
+* ``lean``: :func:`~lightning_compact.lean.apply_lean` (RMSNorm, SwiGLU and the chunked
+  lm_head + loss save only their inputs; no matmul recomputed), AdamW; the loss on the
+  torch backend even where liger-kernel is installed.
+* ``lean + CompAct n/4|n/8 compressed``: both, ``CompActAdamW``.
+* ``liger-kernel``: ``lean`` with the loss on liger-kernel's fused Triton kernel (CUDA and
+  ``pip install liger-kernel`` only; skipped with the reason elsewhere).
 * ``GaLore n/4``: ``galore_torch.GaLoreAdamW`` (``pip install galore-torch``) on the attention
   and MLP weights, rank = hidden/4, T = 200, scale 0.25 (GaLore's pretraining recipe,
   rank scaled with the model); skipped with the reason if it does not import.
@@ -28,7 +34,9 @@ the baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import gc
 import json
 import platform
@@ -42,8 +50,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from lightning_compact.lean import cross_entropy
 from lightning_compact.memory import StepMemoryTracker
-from lightning_compact.memory.estimator import Variant, build, forward_backward
+from lightning_compact.memory.checkpointing_options import checkpoint_blocks
+from lightning_compact.memory.estimator import LEAN_OPTIONS, Variant, build, forward_backward
 from lightning_compact.memory.recipe import RunShape, read_recipe
 
 MIB = 2**20
@@ -61,23 +71,38 @@ GALORE_UPDATE_PROJ_GAP = 200
 GALORE_SCALE = 0.25
 
 
-class Checkpointed(nn.Module):
-    """A decoder layer whose activations are recomputed in the backward (non-reentrant)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False)
-
-
 def build_checkpointed(shape: RunShape, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     model, optimizer = build(shape, Variant(), device=device)
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = Checkpointed(layer)
+    checkpoint_blocks(model)
     return model, optimizer
+
+
+def build_lean(shape: RunShape, variant: Variant, device: str, backend: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model, optimizer = build(shape, variant, device=device)
+    model.loss_backend = backend  # read by Method.step
+    return model, optimizer
+
+
+def liger_unavailable(device: str) -> str | None:
+    if device != "cuda":
+        return "liger-kernel runs on CUDA only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed; pip install liger-kernel"
+    return None
+
+
+@contextlib.contextmanager
+def loss_backend(backend: str | None):
+    """The chunked loss's backend for this block (the model's forward asks for "auto")."""
+    if backend is None:
+        yield
+        return
+    resolve = cross_entropy._resolve_backend
+    cross_entropy._resolve_backend = lambda requested, hidden: backend
+    try:
+        yield
+    finally:
+        cross_entropy._resolve_backend = resolve
 
 
 def galore_unavailable() -> str | None:
@@ -116,7 +141,7 @@ def galore_projections(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return out
 
 
-def methods(shape: RunShape) -> dict[str, Callable[[str], tuple[nn.Module, torch.optim.Optimizer]] | str]:
+def methods(shape: RunShape, device: str = "cpu") -> dict[str, Callable[[str], tuple[nn.Module, torch.optim.Optimizer]] | str]:
     """label -> builder(device), or a string saying why the method is skipped."""
     table: dict[str, Callable | str] = {"baseline": lambda device: build(shape, Variant(), device=device)}
     for rank in (0.25, 0.125):
@@ -124,6 +149,11 @@ def methods(shape: RunShape) -> dict[str, Callable[[str], tuple[nn.Module, torch
             variant = Variant(rank, mode)
             table[variant.label] = lambda device, v=variant: build(shape, v, device=device)
     table["checkpointing"] = lambda device: build_checkpointed(shape, device)
+    table["lean"] = lambda device: build_lean(shape, Variant(lean=LEAN_OPTIONS), device, "torch")
+    for rank in (0.25, 0.125):
+        variant = Variant(rank, "compressed", LEAN_OPTIONS)
+        table[variant.label] = lambda device, v=variant: build_lean(shape, v, device, "torch")
+    table["liger-kernel"] = liger_unavailable(device) or (lambda device: build_lean(shape, Variant(lean=LEAN_OPTIONS), device, "liger"))
     table["GaLore n/4"] = galore_unavailable() or (lambda device: build_galore(shape, device))
     return table
 
@@ -139,7 +169,8 @@ class Method:
         self.times: list[float] = []
 
     def step(self) -> None:
-        forward_backward(self.model, self.input_ids, self.shape.precision)
+        with loss_backend(getattr(self.model, "loss_backend", None)):
+            forward_backward(self.model, self.input_ids, self.shape.precision)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -158,8 +189,9 @@ class Method:
         extra = galore_projections(self.optimizer)
         with StepMemoryTracker(modules=[self.model], optimizers=[self.optimizer], tensors=[self.input_ids, *extra]) as tracker:
             self.step()
-        peak = tracker.result().peak
-        return {"peak_bytes": peak.total, "breakdown": peak.as_dict()}
+        result = tracker.result()
+        # largest: each category at its own largest (activations at the end of the forward).
+        return {"peak_bytes": result.peak.total, "breakdown": result.peak.as_dict(), "largest": result.largest.as_dict()}
 
     def timing(self) -> dict:
         seconds = min(self.times)  # other load on the machine only ever adds time
@@ -283,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         info["cuda_workspace_bytes"] = torch.cuda.memory_allocated()
     print(f"compare_methods: {info}", flush=True)
     rows: dict[str, dict] = {}
-    chosen = {label: b for label, b in methods(shape).items() if not args.only or label in args.only}
+    chosen = {label: b for label, b in methods(shape, args.device).items() if not args.only or label in args.only}
     for label, builder in chosen.items():
         if isinstance(builder, str):
             print(f"  {label}: skipped: {builder}", flush=True)

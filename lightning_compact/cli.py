@@ -56,8 +56,8 @@ DESCRIPTION = (
     "(--config recipes/...), or estimate its memory."
 )
 ESTIMATE_HELP = (
-    "Estimate the peak memory of one training step of a recipe, baseline vs CompAct, without a GPU "
-    "(see `lightning-compact estimate --help`)."
+    "Estimate the peak memory of one training step of a recipe, baseline vs CompAct, without a GPU; "
+    "with --budget, plan the fastest configuration that fits (see `lightning-compact estimate --help`)."
 )
 
 

@@ -185,3 +185,122 @@ def test_llama_7b_shape_estimates():
     base = estimate(shape)
     assert 6.5e9 < base.parameters < 7.0e9
     assert base.peak.parameters == pytest.approx(base.parameters * 2, rel=0.001)
+
+
+# --- lean options and checkpointing (issue 11, part 4) ---
+
+LEAN_ALL = ("norms", "mlp", "loss")
+LEAN_VARIANTS = [Variant(lean=LEAN_ALL), Variant(0.25, "compressed", LEAN_ALL), Variant(checkpointing="blocks"),
+                 Variant(0.25, "decompressed", ("loss",), "blocks")]
+
+
+@pytest.mark.parametrize("variant", LEAN_VARIANTS, ids=lambda v: v.label)
+def test_fake_step_matches_real_step_with_lean_options_and_checkpointing(variant):
+    shape = small_shape(precision="bf16-mixed")
+    fake, real = estimate(shape, variant), estimate(shape, variant, fake=False)
+    for name in (*CATEGORIES, "total"):
+        assert fake.step.peak.as_dict()[name] == pytest.approx(real.step.peak.as_dict()[name], rel=0.02), name
+    base = estimate(shape)
+    assert fake.peak.total < base.peak.total
+
+
+def _real_saved_bytes(shape: RunShape, variant: Variant) -> int:
+    from lightning_compact.memory import SavedActivationTracker
+    from lightning_compact.memory.estimator import _dtypes, build
+
+    model, _ = build(shape, variant)
+    ids = torch.randint(0, SMALL["vocab_size"], (shape.batch_size, shape.seq_len))
+    _, autocast = _dtypes(shape.precision)
+    with SavedActivationTracker(exclude=[model]) as tracker, torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        model(ids, labels=ids)
+    return tracker.result().bytes
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("option", ["norms", "mlp"])
+def test_lean_norm_and_mlp_savings_equal_the_real_saved_bytes(option, precision):
+    # The lean norm / SwiGLU run the same forward and only save less: the estimator's
+    # activation saving must be the real saved-bytes saving to the byte.
+    shape = small_shape(precision=precision)
+    variant = Variant(lean=(option,))
+    estimated = estimate(shape).step.largest.activations - estimate(shape, variant).step.largest.activations
+    measured = _real_saved_bytes(shape, Variant()) - _real_saved_bytes(shape, variant)
+    assert estimated == measured > 0
+
+
+@pytest.mark.parametrize("lean", [(), LEAN_ALL], ids=["plain", "lean"])
+def test_estimated_activations_are_the_real_saved_bytes_plus_the_losss_transients(lean):
+    # The estimator counts the forward's tensors alive at their largest: what autograd
+    # saved (SavedActivationTracker on real tensors) plus the loss's transient buffers.
+    # Those are bounded: the plain loss holds the float32 logits and their shifted copy
+    # (2 x [tokens, vocab] float32); the chunked loss at most 4 [chunk, vocab] float32
+    # blocks (logits, softmax-gradient and their reductions), chunks sized as on CUDA.
+    # float32 only: under autocast the estimator also counts the weights' bf16 casts,
+    # which SavedActivationTracker leaves out by design.
+    from lightning_compact.lean.cross_entropy import default_chunk_size
+    from lightning_compact.memory.estimator import cuda_loss_chunks
+
+    shape, variant = small_shape(), Variant(lean=lean)
+    tokens, vocab = shape.batch_size * shape.seq_len, SMALL["vocab_size"]
+    with cuda_loss_chunks():
+        gap = estimate(shape, variant).step.largest.activations - _real_saved_bytes(shape, variant)
+    chunk = default_chunk_size(tokens, SMALL["hidden_size"], vocab)
+    assert chunk < tokens // 2  # several chunks, so the bound below is tighter than the plain one
+    bound = 4 * chunk * vocab * 4 if lean else 2 * tokens * vocab * 4
+    assert 0 <= gap <= bound + 4096  # + a few scalars (loss, counts)
+
+
+def test_checkpointing_blocks_keeps_only_the_layer_inputs_across_the_forward():
+    shape = small_shape()
+    base, blocks = estimate(shape), estimate(shape, Variant(checkpointing="blocks"))
+    assert blocks.step.largest.activations < 0.6 * base.step.largest.activations
+    # Recomputation happens in the backward: its tensors are temporaries, not activations.
+    assert blocks.step.largest.temporaries > 0
+
+
+def test_unknown_checkpointing_granularity_names_the_known_ones():
+    with pytest.raises(ValueError, match="known: blocks"):
+        Variant(checkpointing="everything")
+
+
+def test_lean_recipe_is_read_from_the_callback_and_the_native_switch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_compact.LeanActivations\n      init_args: {mlp: false}\n"
+        "model: {model: llama_60m}\ndata: {batch_size: 2, seq_len: 8}\n"
+    )
+    assert read_recipe(recipe).lean == ("norms", "loss")
+    recipe.write_text("model: {model: llama_60m, config_overrides: {lean: true}}\ndata: {batch_size: 2, seq_len: 8}\n")
+    shape = read_recipe(recipe)
+    assert shape.lean == LEAN_ALL and "lean" not in shape.config_overrides  # the baseline variant stays plain
+
+
+def test_json_lists_the_recipe_as_configured_under_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    overrides = "{" + ", ".join(f"{k}: {v}" for k, v in SMALL.items()) + "}"
+    recipe.write_text(
+        "trainer: {accelerator: cpu, precision: 32, callbacks: [{class_path: lightning_compact.LeanActivations}]}\n"
+        f"model: {{model: llama_60m, config_overrides: {overrides}}}\ndata: {{batch_size: 8, seq_len: 64}}\n"
+        "compact: {rank: 0.125, grad_mode: decompressed}\n"
+    )
+    out = tmp_path / "est.json"
+    assert main(["--config", str(recipe), "--compact.rank", "0.25", "--no_plot", "--json", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"baseline", "CompAct n/4 compressed", "recipe"} <= set(rows)
+    assert (rows["recipe"]["rank"], rows["recipe"]["mode"], rows["recipe"]["lean"]) == (0.125, "decompressed", list(LEAN_ALL))
+    assert rows["recipe"]["peak"]["total"] < rows["CompAct n/4 decompressed"]["peak"]["total"]
+
+
+def test_every_registered_checkpointing_granularity_runs_under_the_cuda_model():
+    # Checkpointing recomputes in the backward, where torch function modes do not apply:
+    # the CUDA attention stand-in must still be the attention that runs (else the
+    # recomputation runs other ops than the forward and torch's checkpoint refuses).
+    from lightning_compact.memory.checkpointing_options import checkpointing_granularities
+
+    shape = small_shape(precision="bf16-mixed", device_type="cuda")
+    base = estimate(shape).step.largest.activations
+    for name in checkpointing_granularities():
+        assert estimate(shape, Variant(checkpointing=name)).step.largest.activations < base, name
+    from lightning_compact.memory import sdpa
+
+    assert F.scaled_dot_product_attention is sdpa._ORIGINAL_SDPA  # restored after the estimate

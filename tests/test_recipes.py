@@ -76,3 +76,19 @@ def test_fsdp_recipes_shard_the_paper_batch_over_eight_gpus(size):
     assert trainer["val_check_interval"] == 1000 * trainer["accumulate_grad_batches"]
     assert model["model"] == f"llama_{size}" and model["model"] in LLAMA_PRESETS
     assert cfg["compact"]["enabled"] and cfg["compact"]["rank"] == 0.25
+
+
+@pytest.mark.parametrize("size", ["350m", "1b"])
+def test_lean_recipes_are_the_paper_recipe_plus_lean_activations_and_compact(size):
+    from lightning_compact.memory.recipe import read_recipe
+
+    paper, lean = (read_recipe(RECIPES / "pretrain" / f"llama_{size}_c4{suffix}.yaml") for suffix in ("", "_lean"))
+    assert lean.lean == ("norms", "mlp", "loss") and lean.checkpointing is None  # no matmul recomputed
+    assert (lean.compact_rank, lean.grad_mode) == (0.125, "compressed")
+    same = ("model", "config_overrides", "batch_size", "seq_len", "precision", "accumulate_grad_batches")
+    assert all(getattr(lean, k) == getattr(paper, k) for k in same)
+    # The only other change to the training setup: the callback.
+    a, b = (load(RECIPES / "pretrain" / f"llama_{size}_c4{suffix}.yaml") for suffix in ("", "_lean"))
+    b["trainer"]["callbacks"] = [c for c in b["trainer"]["callbacks"] if c["class_path"] != "lightning_compact.LeanActivations"]
+    b["compact"]["rank"] = a["compact"]["rank"]
+    assert a == b

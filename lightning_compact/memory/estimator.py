@@ -11,6 +11,12 @@ savings are printed beside the paper's Table 1 formula (:mod:`.formula`).
 
 What is modelled, and how:
 
+* Lean activations (``Variant(lean=...)``: :func:`~lightning_compact.lean.apply_lean`, as
+  ``LeanActivations`` does) and activation checkpointing (``Variant(checkpointing=...)``:
+  a granularity of :mod:`.checkpointing_options`, e.g. ``torch.utils.checkpoint`` around
+  each decoder layer) run as they would on real tensors: what they save, recompute and
+  free is measured, not modelled. The chunked loss runs on its torch backend (liger-kernel
+  keeps the same two gradients) with CUDA's chunk size when a CUDA run is estimated.
 * Precision as Lightning applies it: ``*-true`` builds the parameters in that dtype;
   ``*-mixed`` keeps float32 parameters and runs the forward under autocast. (The
   fp16 gradient scaler's few bytes are not modelled.)
@@ -37,6 +43,7 @@ Command line (wired as ``lightning-compact estimate``)::
 
     lightning-compact estimate --config recipes/pretrain/llama_350m_c4.yaml
     lightning-compact estimate --model llama_7b --data.batch_size 4 --data.seq_len 2048 --trainer.precision bf16-true
+    lightning-compact estimate --config recipes/pretrain/llama_1b_c4.yaml --budget 40GiB   # the planner (.planner)
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemor
 
 __all__ = [
     "DEFAULT_RANKS",
+    "LEAN_OPTIONS",
     "MODES",
     "Estimate",
     "Variant",
@@ -73,6 +81,7 @@ __all__ = [
     "estimate_variants",
     "forward_backward",
     "main",
+    "recipe_variant",
     "variants",
 ]
 
@@ -83,22 +92,52 @@ DEFAULT_RANKS: tuple[float, ...] = (0.5, 0.25, 0.125)
 MODES: tuple[str, ...] = ("compressed", "decompressed")
 
 
+# apply_lean's options (lightning_compact.lean.apply_lean / LeanActivations), in label order.
+LEAN_OPTIONS: tuple[str, ...] = ("norms", "mlp", "loss")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One configuration to estimate: the baseline (``rank=None``) or CompAct at ``rank`` in ``mode``."""
+    """One configuration to estimate.
+
+    Attributes:
+        rank: CompAct's rank, or ``None`` for no CompAct.
+        mode: CompAct's gradient mode (:data:`MODES`).
+        lean: which :data:`LEAN_OPTIONS` are on (``apply_lean``, as ``LeanActivations`` does).
+        checkpointing: an activation-checkpointing granularity
+            (:func:`~lightning_compact.memory.checkpointing_options.checkpointing_granularities`), or ``None``.
+        name: a label to show instead of the generated one (``"recipe"``); not part of equality.
+    """
 
     rank: int | float | None = None
     mode: str = "compressed"
+    lean: tuple[str, ...] = ()
+    checkpointing: str | None = None
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        unknown = sorted(set(self.lean) - set(LEAN_OPTIONS))
+        if unknown:
+            raise ValueError(f"lean options must be among {LEAN_OPTIONS}, got {unknown}")
+        # One spelling per set, so equal configurations hash alike (the planner caches by Variant).
+        object.__setattr__(self, "lean", tuple(o for o in LEAN_OPTIONS if o in self.lean))
+        if self.checkpointing is not None:
+            from lightning_compact.memory.checkpointing_options import get_checkpointing
+
+            get_checkpointing(self.checkpointing)  # fail early, naming the known ones
 
     @property
     def label(self) -> str:
-        if self.rank is None:
-            return "baseline"
-        return f"CompAct {rank_label(self.rank)} {self.mode}"
+        if self.name is not None:
+            return self.name
+        parts = [] if self.rank is None else [f"CompAct {rank_label(self.rank)} {self.mode}"]
+        if self.lean:
+            parts.append("lean" if self.lean == LEAN_OPTIONS else f"lean {'+'.join(self.lean)}")
+        if self.checkpointing is not None:
+            parts.append(f"checkpointing {self.checkpointing}")
+        return " + ".join(parts) or "baseline"
 
 
 def rank_label(rank: int | float) -> str:
@@ -157,13 +196,15 @@ def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.dev
     """The model (in training mode) and optimizer of one variant, as the estimator runs them.
 
     Parameters are made directly in the precision's dtype on ``device``; CompAct
-    variants are converted, and the compressed mode gets ``CompActAdamW``.
+    variants are converted (the compressed mode gets ``CompActAdamW``), then the lean
+    options are applied as ``LeanActivations`` would, then the checkpointing granularity.
     """
     llama = llama_module()
     param_dtype, _ = _dtypes(shape.precision)
     with _default_dtype(param_dtype), torch.device(device):
         model = llama.LlamaForCausalLM(model_config(shape.model, shape.config_overrides))
     model.train()
+    optimizer: torch.optim.Optimizer | None = None
     if variant.rank is not None:
         extra = {} if shape.exclude_modules is None else {"exclude_modules": tuple(shape.exclude_modules)}
         compress = variant.mode == "compressed"
@@ -172,9 +213,40 @@ def build(shape: RunShape, variant: Variant = Variant(), device: str | torch.dev
         if compress:
             from lightning_compact.optim import CompActAdamW
 
-            return model, CompActAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    # torch's AdamW defaults to the multi-tensor path on CUDA and the per-tensor one on CPU.
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=shape.device_type == "cuda")
+            optimizer = CompActAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    if variant.lean:
+        from lightning_compact.lean import apply_lean
+
+        apply_lean(model, **{option: option in variant.lean for option in LEAN_OPTIONS})
+    if variant.checkpointing is not None:
+        from lightning_compact.memory.checkpointing_options import get_checkpointing
+
+        get_checkpointing(variant.checkpointing).apply(model)
+    if optimizer is None:
+        # torch's AdamW defaults to the multi-tensor path on CUDA and the per-tensor one on CPU.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=shape.device_type == "cuda")
+    return model, optimizer
+
+
+@contextlib.contextmanager
+def cuda_loss_chunks() -> Iterator[None]:
+    """The chunked loss's CUDA chunk size while the estimator runs on the (fake) CPU device.
+
+    On CPU the chunked lm_head + loss takes chunks of at least ``CPU_MIN_CHUNK`` tokens
+    (a CPU speed rule); on CUDA it takes liger-kernel's rule (chunk logits about the size
+    of the hidden states). The chunk's logits are transient, but at 350M they are tens
+    of MiB, so the estimate of a CUDA run uses the CUDA rule. The backend is the torch
+    one in both cases (a fake CPU tensor never selects liger-kernel or cut-cross-entropy);
+    liger-kernel's fused kernel keeps the same two gradients for backward.
+    """
+    from lightning_compact.lean import cross_entropy
+
+    previous = cross_entropy.CPU_MIN_CHUNK
+    cross_entropy.CPU_MIN_CHUNK = 1
+    try:
+        yield
+    finally:
+        cross_entropy.CPU_MIN_CHUNK = previous
 
 
 def forward_backward(model: nn.Module, input_ids: torch.Tensor, precision: str) -> None:
@@ -247,6 +319,7 @@ def estimate(
             stack.enter_context(FakeTensorMode())
         if cuda:
             stack.enter_context(cuda_attention_memory())
+            stack.enter_context(cuda_loss_chunks())
         model, optimizer = build(shape, variant)
         if mesh is not None:
             shard_for_fsdp2(model, optimizer, mesh)
@@ -284,6 +357,11 @@ def variants(ranks: Sequence[int | float] = DEFAULT_RANKS, modes: Sequence[str] 
     return [Variant(), *(Variant(rank, mode) for rank in ranks for mode in modes)]
 
 
+def recipe_variant(shape: RunShape) -> Variant:
+    """The recipe exactly as configured (its CompAct rank and mode, lean options, checkpointing), labelled ``"recipe"``."""
+    return Variant(shape.compact_rank, shape.grad_mode, shape.lean, shape.checkpointing, name="recipe")
+
+
 def estimate_variants(shape: RunShape, chosen: Sequence[Variant], *, progress: bool = False) -> list[Estimate]:
     """:func:`estimate` for each variant, in order."""
     results = []
@@ -309,10 +387,11 @@ def report(shape: RunShape, results: Sequence[Estimate], units: str = "GiB") -> 
     n_params = results[0].parameters if results else 0
     lines = [f"Estimated peak memory of one training step: {describe(shape)} ({n_params / 1e6:.1f}M parameters)", ""]
     rows = {r.variant.label: r.peak for r in results}
-    base = next((r for r in results if r.variant.rank is None), None)
+    base = next((r for r in results if r.variant == Variant()), None)
     lines.append(format_table(rows, units, baseline=base.variant.label if base else None))
     lines += ["", "Categories at the moment of the peak; storages shared by several tensors counted once."]
-    compact = [r for r in results if r.table1 is not None]
+    # Table 1 covers CompAct alone: rows that also change other activations are left out.
+    compact = [r for r in results if r.table1 is not None and not r.variant.lean and r.variant.checkpointing is None]
     if base is not None and compact:
         lines += ["", f"Savings against the baseline ({units}): paper's Table 1 formula / measured here", ""]
         header = ["", "gradients", "optimizer states", "linear inputs"]
@@ -349,6 +428,8 @@ def to_json(shape: RunShape, results: Sequence[Estimate]) -> dict[str, Any]:
                 "label": r.variant.label,
                 "rank": r.variant.rank,
                 "mode": None if r.variant.rank is None else r.variant.mode,
+                "lean": list(r.variant.lean),
+                "checkpointing": r.variant.checkpointing,
                 "peak": r.peak.as_dict(),
                 "largest": r.step.largest.as_dict(),
                 "optimizer_state_bytes": r.optimizer_state_bytes,
@@ -449,6 +530,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=Path("memory_estimate.png"), help="bar chart to write (PNG)")
     parser.add_argument("--no_plot", action="store_true", help="do not write the chart")
     parser.add_argument("--json", type=Path, help="also write the figures (bytes) as JSON here")
+    planner = parser.add_argument_group(
+        "planner", "With --budget: search CompAct rank and mode, lean activations, checkpointing and the micro-batch "
+        "(keeping the global batch through gradient accumulation) for the fastest configuration that fits, and print "
+        "it as YAML and flags (lightning_compact.memory.planner states the cost model)."
+    )
+    planner.add_argument("--budget", help="device memory to fit, e.g. 24GiB, 40GB (a bare number is GiB)")
+    planner.add_argument("--plan.lean", dest="plan_lean", choices=("both", "on", "off"), default="both",
+                         help="try lean activations (LeanActivations) on, off or both (default both)")
+    planner.add_argument("--plan.checkpointing", dest="plan_checkpointing", nargs="+", metavar="GRANULARITY",
+                         help="checkpointing to try: none and/or granularities (default: none and every registered one)")
+    planner.add_argument("--plan.micro_batches", dest="plan_micro_batches", nargs="+", type=int, metavar="N",
+                         help="micro-batch sizes to consider (default: every divisor of the global batch)")
+    planner.add_argument("--plan.headroom", dest="plan_headroom", type=float, default=0.05,
+                         help="fraction of the budget left free for the CUDA context, workspaces and fragmentation (default 0.05)")
     return parser
 
 
@@ -484,8 +579,13 @@ def main(argv: list[str] | None = None) -> int:
         if shape.compact_rank is not None and shape.compact_rank not in ranks:
             ranks.append(shape.compact_rank)
     modes = list(dict.fromkeys(args.modes))
+    if args.budget is not None:
+        return _plan_main(parser, args, shape, ranks, modes)
+    chosen = variants(ranks, modes)
+    if args.config is not None:
+        chosen.append(recipe_variant(shape))  # the recipe as configured: CompAct, lean options, checkpointing
     print(f"Estimating {describe(shape)} ...", file=sys.stderr, flush=True)
-    results = estimate_variants(shape, variants(ranks, modes), progress=True)
+    results = estimate_variants(shape, chosen, progress=True)
     print(report(shape, results, args.units))
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(shape, results), indent=2))
@@ -498,6 +598,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.plot}")
         except ImportError:
             print("matplotlib is not installed: no chart written (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _plan_main(parser: argparse.ArgumentParser, args: argparse.Namespace, shape: RunShape, ranks: list[int | float], modes: list[str]) -> int:
+    """``estimate --budget``: run the planner, print its table and pick (exit status 1 when nothing fits)."""
+    from lightning_compact.memory import planner
+
+    try:
+        budget = planner.parse_size(args.budget)
+        granularities = None if args.plan_checkpointing is None else [None if g == "none" else g for g in args.plan_checkpointing]
+        lean = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_lean]
+        print(f"Planning {describe(shape)} within {args.budget} ...", file=sys.stderr, flush=True)
+        result = planner.plan(shape, budget, ranks=ranks, modes=modes, lean=lean, checkpointing=granularities,
+                              micro_batches=args.plan_micro_batches, headroom=args.plan_headroom, progress=True)
+    except planner.PlanError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        parser.error(str(err))
+    print(planner.plan_report(result, args.units))
+    if args.json is not None:
+        args.json.write_text(json.dumps(planner.plan_to_json(result), indent=2))
+        print(f"\nwrote {args.json}")
     return 0
 
 

@@ -14,6 +14,10 @@
 * ``compact``: ``enabled`` (default true, as in the CLI), ``rank`` (default n/4, as in
   the CLI), ``grad_mode`` (``decompressed``: gradient decompression) and
   ``exclude_modules``: the recipe's own CompAct setting.
+* ``trainer.callbacks``: a ``LeanActivations`` entry (any ``class_path`` ending in
+  ``LeanActivations``) gives its ``norms``/``mlp``/``loss`` options (default all on) and
+  its ``checkpointing`` granularity, if any; ``model.init_args.config_overrides.lean:
+  true`` (the presets' native switch) counts as all three lean options.
 
 Only the YAML is read: nothing is instantiated, so no dataset, tokenizer or hub
 access is needed.
@@ -60,6 +64,8 @@ class RunShape:
         compact_rank: the recipe's CompAct rank, or ``None`` if it has CompAct off.
         grad_mode: the recipe's CompAct gradient mode (``"compressed"`` or ``"decompressed"``).
         exclude_modules: the recipe's CompAct exclusions, or ``None`` for the default.
+        lean: the recipe's lean options (``"norms"``, ``"mlp"``, ``"loss"``; ``LeanActivations``).
+        checkpointing: the recipe's activation-checkpointing granularity, or ``None``.
     """
 
     model: str
@@ -72,6 +78,8 @@ class RunShape:
     compact_rank: int | float | None = None
     grad_mode: str = "compressed"
     exclude_modules: tuple[str, ...] | None = None
+    lean: tuple[str, ...] = ()
+    checkpointing: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -106,6 +114,22 @@ def _first(section: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return next((section[k] for k in keys if section.get(k) is not None), None)
 
 
+_LEAN_OPTIONS = ("norms", "mlp", "loss")  # estimator.LEAN_OPTIONS (not imported: this module needs no torch)
+
+
+def _lean_callback(trainer: dict[str, Any]) -> tuple[tuple[str, ...], str | None] | None:
+    """``(lean options, checkpointing)`` of the recipe's ``LeanActivations`` callback, or ``None`` without one."""
+    callbacks = trainer.get("callbacks") or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        class_path = entry.get("class_path", "") if isinstance(entry, dict) else str(entry)
+        if class_path.rpartition(".")[2] != "LeanActivations":
+            continue
+        args = (entry.get("init_args") or {}) if isinstance(entry, dict) else {}
+        options = tuple(o for o in _LEAN_OPTIONS if args.get(o, True))
+        return options, args.get("checkpointing")
+    return None
+
+
 def read_recipe(path: str | Path) -> RunShape:
     """The :class:`RunShape` of a YAML recipe (see the module docstring for the keys read).
 
@@ -131,9 +155,16 @@ def read_recipe(path: str | Path) -> RunShape:
     # As the CLI: the compact group is on unless switched off, at rank n/4 unless given.
     enabled = bool(compact.get("enabled", True))
     exclude = compact.get("exclude_modules") if enabled else None
+    overrides = dict(model_args.get("config_overrides") or {})
+    # The native switch becomes the variant's lean options, so that the estimator's other
+    # variants (the baseline among them) are built without it.
+    native_lean = bool(overrides.pop("lean", False))
+    lean, checkpointing = _lean_callback(trainer) or ((), None)
+    if native_lean:
+        lean = _LEAN_OPTIONS
     return RunShape(
         model=model,
-        config_overrides=dict(model_args.get("config_overrides") or {}),
+        config_overrides=overrides,
         batch_size=int(batch),
         seq_len=int(seq),
         precision=trainer.get("precision", "32-true"),
@@ -143,6 +174,8 @@ def read_recipe(path: str | Path) -> RunShape:
         # "auto" with the recipes' AdamW is compressed.
         grad_mode="decompressed" if enabled and compact.get("grad_mode") == "decompressed" else "compressed",
         exclude_modules=tuple(exclude) if exclude is not None else None,
+        lean=lean,
+        checkpointing=checkpointing,
     )
 
 

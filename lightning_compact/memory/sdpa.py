@@ -38,6 +38,7 @@ __all__ = ["cuda_attention_memory"]
 
 # The memory-efficient kernel pads the log-sum-exp's sequence dimension to this.
 _EFFICIENT_LSE_PAD = 32
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
 class _FusedAttentionShapes(torch.autograd.Function):
@@ -89,7 +90,7 @@ def _fused_sdpa(
 
 class _AttentionMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is F.scaled_dot_product_attention:
+        if func is _ORIGINAL_SDPA:
             return _fused_sdpa(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
@@ -97,5 +98,12 @@ class _AttentionMode(TorchFunctionMode):
 @contextlib.contextmanager
 def cuda_attention_memory() -> Iterator[None]:
     """Within the block, ``F.scaled_dot_product_attention`` allocates like CUDA's fused kernels."""
-    with _AttentionMode():
-        yield
+    # The mode catches calls through any reference; the attribute is swapped as well because
+    # activation checkpointing recomputes in the backward, where torch function modes are not
+    # applied, and a recomputation must run the same ops as the forward did.
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with _AttentionMode():
+            yield
+    finally:
+        F.scaled_dot_product_attention = _ORIGINAL_SDPA
