@@ -9,6 +9,7 @@ kernels and allocator rounding modelled. Nothing is allocated; about 10 minutes 
     PYTHONPATH=. python benchmarks/estimate_per_rank.py benchmarks/results/estimate_per_rank_8gpu.json
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -28,7 +29,7 @@ def main(out_path: str) -> None:
         for strategy in ("fsdp2", "ddp"):
             for variant in (Variant(), Variant(0.25, "compressed")):
                 start = time.time()
-                result = estimate(shape, variant, world_size=WORLD_SIZE, strategy=strategy)
+                result = estimate(dataclasses.replace(shape, world_size=WORLD_SIZE, strategy=strategy), variant)
                 row = {k: x / 2**30 for k, x in result.peak.as_dict().items()}
                 key = f"{model} {strategy}x{WORLD_SIZE} {'baseline' if variant.rank is None else 'compact n/4 compressed'}"
                 out[key] = row

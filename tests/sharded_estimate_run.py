@@ -1,5 +1,6 @@
 """Run by test_sharded_estimate.py with ``torch.distributed.run``: one real FSDP2 step per rank, measured."""
 
+import dataclasses
 import sys
 
 import torch
@@ -20,7 +21,8 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     out = {}
     for name, variant in VARIANTS.items():
-        result = estimate(SHAPE, variant, fake=False, world_size=dist.get_world_size(), strategy="fsdp2")
+        shape = dataclasses.replace(SHAPE, world_size=dist.get_world_size(), strategy="fsdp2")
+        result = estimate(shape, variant, fake=False)
         out[name] = result.peak.as_dict()
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])

@@ -1,5 +1,6 @@
 """Per-rank estimates (``estimate(..., world_size=N, strategy=...)``) against real multi-process steps."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import torch
 
 from lightning_compact.memory.estimator import Variant, estimate
 from sharded_estimate_run import SHAPE, VARIANTS
+
+SHARDED = dataclasses.replace(SHAPE, world_size=2, strategy="fsdp2")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +27,7 @@ def test_fsdp2_estimate_is_within_5_percent_of_a_real_two_process_step(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     real = torch.load(out, weights_only=True)
     for name, variant in VARIANTS.items():
-        fake = estimate(SHAPE, variant, world_size=2, strategy="fsdp2").peak.total
+        fake = estimate(SHARDED, variant).peak.total
         assert abs(fake - real[name]["total"]) <= 0.05 * real[name]["total"], (name, fake, real[name])
     # Sharded, CompAct still saves: compressed moments and gradients are sharded too.
     assert real["compressed_n4"]["total"] < real["baseline"]["total"]
@@ -32,16 +35,25 @@ def test_fsdp2_estimate_is_within_5_percent_of_a_real_two_process_step(tmp_path)
 
 def test_ddp_estimate_adds_one_bucket_copy_of_each_reduced_gradient():
     base = estimate(SHAPE, Variant())
-    ddp = estimate(SHAPE, Variant(), world_size=2, strategy="ddp")
+    ddp = estimate(dataclasses.replace(SHAPE, world_size=2, strategy="ddp"), Variant())
     params = base.peak.parameters  # float32: gradients have the parameters' size
     assert ddp.peak.gradients - base.peak.gradients == params
-    compressed = estimate(SHAPE, Variant(0.25, "compressed"), world_size=2, strategy="ddp")
+    compressed = estimate(dataclasses.replace(SHAPE, world_size=2, strategy="ddp"), Variant(0.25, "compressed"))
     single = estimate(SHAPE, Variant(0.25, "compressed"))
     assert 0 < compressed.peak.gradients - single.peak.gradients < params  # Ĝ, not the weights' gradients
 
 
 def test_a_strategy_is_needed_for_more_than_one_rank():
-    with pytest.raises(ValueError, match="world_size"):
-        estimate(SHAPE, Variant(), world_size=2)
-    with pytest.raises(ValueError, match="strategy"):
-        estimate(SHAPE, Variant(), world_size=2, strategy="deepspeed")
+    with pytest.raises(ValueError, match="needs a strategy"):
+        dataclasses.replace(SHAPE, world_size=2)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        dataclasses.replace(SHAPE, world_size=2, strategy="deepspeed")
+
+
+def test_recipes_give_their_world_size_and_strategy():
+    from lightning_compact.memory.recipe import read_recipe
+
+    fsdp = read_recipe(ROOT / "recipes/pretrain/llama_7b_c4_fsdp.yaml")
+    assert (fsdp.world_size, fsdp.strategy, fsdp.batch_size) == (8, "fsdp2", 16)
+    single = read_recipe(ROOT / "recipes/pretrain/llama_1b_c4.yaml")
+    assert (single.world_size, single.strategy) == (1, None)

@@ -65,9 +65,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact, resolve_rank
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, format_bytes, format_table
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
-from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, RunShape, llama_module, model_config, read_recipe
+from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, STRATEGIES, RunShape, llama_module, model_config, read_recipe
 from lightning_compact.memory.sdpa import cuda_attention_memory
-from lightning_compact.memory.sharded import STRATEGIES, add_gradients, ddp_bucket_bytes, fake_process_group, shard_for_fsdp2
+from lightning_compact.memory.sharded import add_gradients, ddp_bucket_bytes, fake_process_group, shard_for_fsdp2
 from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemoryTracker
 
 __all__ = [
@@ -279,19 +279,17 @@ def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) 
     optimizer.zero_grad(set_to_none=True)
 
 
-def estimate(
-    shape: RunShape, variant: Variant = Variant(), *, fake: bool = True, world_size: int = 1, strategy: str | None = None
-) -> Estimate:
+def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True) -> Estimate:
     """Estimate (``fake=True``) or measure (``fake=False``, real CPU tensors) one variant's step.
 
     Args:
-        shape: model, batch (per rank), precision, device type.
+        shape: model, batch (per rank), precision, device type, and for a multi-process
+            run its ``world_size`` and ``strategy`` (the figures are then one rank's; see
+            :mod:`.sharded`).
         variant: baseline or a CompAct rank and mode.
         fake: run on fake tensors (nothing allocated). ``False`` allocates everything on
-            the CPU: for checking the estimate on small models (with ``strategy="fsdp2"``,
-            inside an initialised process group of ``world_size`` ranks).
-        world_size: ranks of a multi-process run; the figures are one rank's.
-        strategy: ``None`` (one process), ``"ddp"`` or ``"fsdp2"``; see :mod:`.sharded`.
+            the CPU: for checking the estimate on small models (under ``"fsdp2"``, inside an
+            initialised process group of ``world_size`` ranks).
 
     Raises:
         MemTrackerUnavailable: torch lacks the accounting API.
@@ -299,10 +297,7 @@ def estimate(
     """
     if not fake and shape.device_type != "cpu":
         raise ValueError("a real (fake=False) step runs on the CPU: use device_type='cpu'")
-    if strategy not in (None, *STRATEGIES):
-        raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
-    if world_size < 1 or (strategy is None and world_size != 1):
-        raise ValueError(f"world_size={world_size}: a positive int, and 1 unless a strategy is given")
+    world_size, strategy = shape.world_size, shape.strategy
     start = time.perf_counter()
     cuda = shape.device_type == "cuda"
     with contextlib.ExitStack() as stack:
@@ -376,9 +371,10 @@ def estimate_variants(shape: RunShape, chosen: Sequence[Variant], *, progress: b
 def describe(shape: RunShape) -> str:
     """One line naming the run."""
     overrides = f" {shape.config_overrides}" if shape.config_overrides else ""
+    ranks = f" · per rank of {shape.world_size} ({shape.strategy})" if shape.strategy is not None else ""
     return (
         f"{shape.model}{overrides} · batch {shape.batch_size} × seq {shape.seq_len} · {shape.precision} · "
-        f"accumulate {shape.accumulate_grad_batches} · device {shape.device_type}"
+        f"accumulate {shape.accumulate_grad_batches} · device {shape.device_type}{ranks}"
     )
 
 
@@ -526,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="micro-batches per step (recipe: trainer.accumulate_grad_batches)")
     parser.add_argument("--trainer.accelerator", dest="device_type", type=_accelerator, metavar="{cpu,gpu,cuda}",
                         help="kernels and allocator to model: cpu, or cuda for gpu/cuda/auto (recipe: trainer.accelerator)")
+    parser.add_argument("--world-size", dest="world_size", type=int, metavar="N",
+                        help="processes of the run; figures are per rank (recipe: trainer.devices x trainer.num_nodes)")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="ddp or fsdp2 (ModelParallelStrategy) for --world-size > 1 (recipe: trainer.strategy)")
     parser.add_argument("--units", default="GiB", choices=("GiB", "GB", "MiB", "MB"), help="units of the table")
     parser.add_argument("--plot", type=Path, default=Path("memory_estimate.png"), help="bar chart to write (PNG)")
     parser.add_argument("--no_plot", action="store_true", help="do not write the chart")
@@ -556,7 +556,9 @@ def shape_from_args(args: argparse.Namespace) -> RunShape:
     changes: dict[str, Any] = {}
     if args.config_overrides:
         changes["config_overrides"] = {**shape.config_overrides, **dict(args.config_overrides)}
-    for name in ("batch_size", "seq_len", "precision", "accumulate_grad_batches", "device_type"):
+    if args.world_size is not None and args.strategy is None and shape.strategy is None and args.world_size > 1:
+        changes["strategy"] = "ddp"  # Lightning's default for several devices
+    for name in ("batch_size", "seq_len", "precision", "accumulate_grad_batches", "device_type", "world_size", "strategy"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     shape = dataclasses.replace(shape, **changes)

@@ -14,6 +14,8 @@
 * ``compact``: ``enabled`` (default true, as in the CLI), ``rank`` (default n/4, as in
   the CLI), ``grad_mode`` (``decompressed``: gradient decompression) and
   ``exclude_modules``: the recipe's own CompAct setting.
+* ``trainer.devices`` × ``trainer.num_nodes`` and ``trainer.strategy``: the per-rank setting
+  (``ModelParallelStrategy`` is FSDP2; several devices otherwise mean DDP, Lightning's default).
 * ``trainer.callbacks``: a ``LeanActivations`` entry (any ``class_path`` ending in
   ``LeanActivations``) gives its ``norms``/``mlp``/``loss`` options (default all on) and
   its ``checkpointing`` granularity, if any; ``model.init_args.config_overrides.lean:
@@ -30,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["ESTIMATOR_SHAPES", "RunShape", "llama_module", "model_config", "read_recipe"]
+__all__ = ["ESTIMATOR_SHAPES", "STRATEGIES", "RunShape", "llama_module", "model_config", "read_recipe"]
 
 PRECISIONS = ("64-true", "32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed")
 _PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "half": "16-mixed"}
@@ -43,6 +45,8 @@ ESTIMATOR_SHAPES: dict[str, dict[str, int]] = {
         vocab_size=32000, max_position_embeddings=2048,
     ),
 }
+# Multi-process strategies the estimator models per rank (lightning_compact.memory.sharded).
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 # lightning_compact.cli.DEFAULT_RANK (not imported: the CLI needs jsonargparse).
 CLI_DEFAULT_RANK = 0.25
 _BATCH_KEYS = ("batch_size", "train_batch_size")
@@ -66,6 +70,9 @@ class RunShape:
         exclude_modules: the recipe's CompAct exclusions, or ``None`` for the default.
         lean: the recipe's lean options (``"norms"``, ``"mlp"``, ``"loss"``; ``LeanActivations``).
         checkpointing: the recipe's activation-checkpointing granularity, or ``None``.
+        world_size: processes of the run (``trainer.devices`` × ``trainer.num_nodes``); the
+            figures are one rank's, and ``batch_size`` is per rank.
+        strategy: ``None`` (one process), ``"ddp"`` or ``"fsdp2"`` (``ModelParallelStrategy``).
     """
 
     model: str
@@ -80,9 +87,17 @@ class RunShape:
     exclude_modules: tuple[str, ...] | None = None
     lean: tuple[str, ...] = ()
     checkpointing: str | None = None
+    world_size: int = 1
+    strategy: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
+        if self.strategy not in (None, *STRATEGIES):
+            raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {self.strategy!r}")
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {self.world_size!r}")
+        if self.world_size > 1 and self.strategy is None:
+            raise ValueError(f"world_size={self.world_size} needs a strategy: one of {STRATEGIES}")
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type must be 'cuda' or 'cpu', got {self.device_type!r}")
         for name in ("batch_size", "seq_len", "accumulate_grad_batches"):
@@ -115,6 +130,18 @@ def _first(section: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 _LEAN_OPTIONS = ("norms", "mlp", "loss")  # estimator.LEAN_OPTIONS (not imported: this module needs no torch)
+
+
+def _distribution(trainer: dict[str, Any]) -> tuple[int, str | None]:
+    """``(world size, strategy)`` of a recipe's trainer section (Lightning picks DDP for several devices)."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    world = max(1, count) * int(nodes)
+    strategy = trainer.get("strategy")
+    name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy or "")
+    if name.rpartition(".")[2] == "ModelParallelStrategy":
+        return world, "fsdp2"
+    return world, ("ddp" if world > 1 else None)
 
 
 def _lean_callback(trainer: dict[str, Any]) -> tuple[tuple[str, ...], str | None] | None:
@@ -162,6 +189,7 @@ def read_recipe(path: str | Path) -> RunShape:
     lean, checkpointing = _lean_callback(trainer) or ((), None)
     if native_lean:
         lean = _LEAN_OPTIONS
+    world_size, strategy = _distribution(trainer)
     return RunShape(
         model=model,
         config_overrides=overrides,
@@ -176,6 +204,8 @@ def read_recipe(path: str | Path) -> RunShape:
         exclude_modules=tuple(exclude) if exclude is not None else None,
         lean=lean,
         checkpointing=checkpointing,
+        world_size=world_size,
+        strategy=strategy,
     )
 
 

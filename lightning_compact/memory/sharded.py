@@ -13,9 +13,9 @@
   off by default). In compressed mode DDP reduces each ``δ``'s ``Ĝ``, not the weight's
   gradient, so the buckets shrink by r/n for converted weights too.
 
-The batch in :class:`~lightning_compact.memory.recipe.RunShape` is per rank (Lightning's
-``data.batch_size`` is per process). ``fake=False`` runs the same step on real CPU
-tensors inside an initialised process group of ``world_size`` ranks: that is how the
+:class:`~lightning_compact.memory.recipe.RunShape` carries ``world_size`` and ``strategy``
+(``STRATEGIES``); its batch is per rank (Lightning's ``data.batch_size`` is per process).
+``fake=False`` runs the same step on real CPU tensors inside an initialised process group of ``world_size`` ranks: that is how the
 estimate is checked against a real 2-process run (``tests/test_sharded_estimate.py``).
 """
 
@@ -33,9 +33,7 @@ from torch import nn
 from lightning_compact.layers import CompActLinear
 from lightning_compact.memory.breakdown import StepMemory
 
-__all__ = ["STRATEGIES", "add_gradients", "ddp_bucket_bytes", "fake_process_group", "shard_for_fsdp2"]
-
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
+__all__ = ["add_gradients", "ddp_bucket_bytes", "fake_process_group", "shard_for_fsdp2"]
 
 
 @contextlib.contextmanager
