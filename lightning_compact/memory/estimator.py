@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="a lightning-compact YAML recipe (model, batch, seq, precision)")
-    source.add_argument("--model", help=f"a LLaMA shape instead of a recipe: a preset or one of {', '.join(ESTIMATOR_SHAPES)}")
+    source.add_argument("--model", help="a LLaMA shape instead of a recipe: a preset (llama_60m, llama_130m, llama_350m, "
+                        f"llama_1b, llama_7b){''.join(', ' + name for name in ESTIMATOR_SHAPES)}")
     parser.add_argument("--model.config_overrides", dest="config_overrides", nargs="+", type=_override, default=[],
                         metavar="KEY=VALUE", help="LlamaConfig fields to change, e.g. num_hidden_layers=4")
     parser.add_argument("--compact.rank", dest="rank", nargs="+", type=_rank, default=None, metavar="RANK",

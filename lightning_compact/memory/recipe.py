@@ -3,8 +3,8 @@
 :func:`read_recipe` takes it from a ``lightning-compact`` YAML recipe. The keys read
 (the recipe format of :mod:`lightning_compact.cli`; ``init_args`` may be left out):
 
-* ``model.init_args.model``: a LLaMA preset name (``llama_60m`` ... ``llama_1b``, or
-  ``llama_7b``, an estimator-only shape); ``model.init_args.config_overrides``: fields
+* ``model.init_args.model``: a LLaMA preset name (``llama_60m`` ... ``llama_7b``, or an
+  :data:`ESTIMATOR_SHAPES` name); ``model.init_args.config_overrides``: fields
   of :class:`~lightning_compact.models.llama.LlamaConfig` to change.
 * ``data.init_args.batch_size`` (or ``train_batch_size``); ``data.init_args.seq_len``
   (or ``max_length``, ``max_seq_length``, ``block_size``, ``seq_length``).
@@ -38,13 +38,8 @@ PRECISIONS = ("64-true", "32-true", "bf16-true", "bf16-mixed", "16-true", "16-mi
 _PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "half": "16-mixed"}
 
 # Shapes the estimator knows beyond the training presets (LLAMA_PRESETS).
-ESTIMATOR_SHAPES: dict[str, dict[str, int]] = {
-    # LLaMA-7B (Touvron et al. 2023).
-    "llama_7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        vocab_size=32000, max_position_embeddings=2048,
-    ),
-}
+# (None at the moment: LLaMA-7B, once only here, is a training preset now, models.llama.LLAMA_PRESETS.)
+ESTIMATOR_SHAPES: dict[str, dict[str, int]] = {}
 # Multi-process strategies the estimator models per rank (lightning_compact.memory.sharded).
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 # lightning_compact.cli.DEFAULT_RANK (not imported: the CLI needs jsonargparse).
