@@ -166,6 +166,32 @@ def test_monitor_logs_the_breakdown_of_one_steady_state_step_per_epoch(tmp_path)
     assert "Step peak by category" in monitor.summary()
 
 
+def test_monitor_breakdown_matches_the_same_step_in_a_plain_loop(tmp_path):
+    # Lightning runs the forward and backward inside optimizer.step(closure); they are
+    # still activations and temporaries, not optimizer state.
+    logger = RecordingLogger()
+    torch.manual_seed(0)
+    model = PlainLM()
+    make_trainer(tmp_path, callbacks=[PeakMemoryMonitor(breakdown=True)], logger=logger, max_steps=2).fit(
+        model, token_loader()
+    )
+    logged = next(m for _, m in logger.metrics if BREAKDOWN_KEYS[0] in m)
+
+    torch.manual_seed(0)
+    plain = PlainLM().model
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    (tokens,) = next(iter(token_loader()))
+    for _ in range(2):
+        with StepMemoryTracker(modules=[plain], optimizers=[opt], tensors=[tokens]) as tracker:
+            plain(tokens, labels=tokens).backward()
+            opt.step()
+            opt.zero_grad()
+    expected = tracker.result().peak.as_dict("MiB")
+    for key in ("optimizer_states", "activations", "parameters"):
+        assert logged[f"memory/breakdown/{key}_MiB"] == pytest.approx(expected[key], rel=0.05, abs=0.01), key
+    assert logged["memory/breakdown/activations_MiB"] > 0
+
+
 def test_monitor_logs_no_breakdown_unless_asked(tmp_path):
     logger = RecordingLogger()
     trainer = make_trainer(tmp_path, callbacks=[PeakMemoryMonitor()], logger=logger, max_epochs=1, max_steps=-1)

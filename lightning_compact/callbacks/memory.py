@@ -117,8 +117,14 @@ class PeakMemoryMonitor(Callback):
             self._tracker = SavedActivationTracker(exclude=[pl_module]).__enter__()
         if self.breakdown and not self._epoch_breakdown and self._steady_state_step(trainer, batch_idx):
             self._step_tracker = StepMemoryTracker(
-                modules=[pl_module], optimizers=trainer.optimizers, tensors=_tensors_in(batch)
+                modules=[pl_module], optimizers=trainer.optimizers, tensors=_tensors_in(batch), closure_steps=True
             ).__enter__()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Lightning runs the forward and backward inside optimizer.step(closure): only what
+        # is made from here on belongs to the optimizer.
+        if self._step_tracker is not None:
+            self._step_tracker.optimizer_update_begins()
 
     @staticmethod
     def _steady_state_step(trainer: pl.Trainer, batch_idx: int) -> bool:

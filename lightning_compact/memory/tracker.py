@@ -52,7 +52,10 @@ _CATEGORY_OF = {
 _TOTAL_KEY = "Total"
 # The private members this module relies on; checked up front so API drift in another
 # torch release fails with one clear message instead of an AttributeError mid-step.
-_REQUIRED = ("track_external", "get_tracker_snapshot", "_update_peak_stats", "_update_snap", "_update_and_maybe_create_winfos")
+_REQUIRED = (
+    "track_external", "get_tracker_snapshot", "_update_peak_stats", "_update_snap", "_update_and_maybe_create_winfos",
+    "_register_global_optimizer_hook", "_deregister_param_and_optimizer_hooks",
+)
 
 
 class MemTrackerUnavailable(RuntimeError):
@@ -94,10 +97,32 @@ def _tracker_class() -> type:
     class _Tracker(MemTracker):  # type: ignore[misc, valid-type]
         """MemTracker with optional allocator rounding, per-category maxima, no per-module peaks."""
 
-        def __init__(self, round_to: int) -> None:
+        def __init__(self, round_to: int, closure_steps: bool = False) -> None:
             super().__init__()
             self.round_to = round_to
+            self.closure_steps = closure_steps
             self.largest: dict[Any, dict[str, int]] = {}
+
+        def _register_global_optimizer_hook(self) -> None:
+            super()._register_global_optimizer_hook()
+            if not self.closure_steps:
+                return
+            # optimizer.step(closure) runs the forward and backward inside the step: tag
+            # what is made there as activations and temporaries, until the update begins
+            # (StepMemoryTracker.optimizer_update_begins).
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            def _not_yet(optimizer: Any, args: Any, kwargs: Any) -> None:
+                self._in_opt = False
+
+            self._closure_hook = register_optimizer_step_pre_hook(_not_yet)  # runs after MemTracker's own
+
+        def _deregister_param_and_optimizer_hooks(self) -> None:
+            super()._deregister_param_and_optimizer_hooks()
+            handle = getattr(self, "_closure_hook", None)
+            if handle is not None:
+                handle.remove()
+                self._closure_hook = None
 
         def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None, old_reftype: Any = None) -> None:
             if self.round_to > 1 and u_type.name in ("ADD", "SIZE"):
@@ -146,6 +171,10 @@ class StepMemoryTracker:
         round_to: round each allocation up to a multiple of this many bytes; use
             :data:`CUDA_ALLOCATION_ROUNDING` to mimic CUDA's allocator while running
             on CPU or fake tensors (on real CUDA tensors ``MemTracker`` rounds already).
+        closure_steps: the step runs the forward and backward inside
+            ``optimizer.step(closure)`` (Lightning's automatic optimization): what they make
+            is not counted as optimizer state; call :meth:`optimizer_update_begins` once
+            the closure has returned (Lightning's ``on_before_optimizer_step``).
 
     Raises:
         MemTrackerUnavailable: on a torch without a compatible ``MemTracker``.
@@ -166,11 +195,12 @@ class StepMemoryTracker:
         optimizers: Iterable[torch.optim.Optimizer] = (),
         tensors: Iterable[torch.Tensor] = (),
         round_to: int = 1,
+        closure_steps: bool = False,
     ) -> None:
         if round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {round_to}")
         _, self._ref_type = _mem_tracker_api()
-        self._tracker = _tracker_class()(round_to)
+        self._tracker = _tracker_class()(round_to, closure_steps)
         self._modules = list(modules)
         self._optimizers = list(optimizers)
         self._tensors = list(tensors)
@@ -193,6 +223,10 @@ class StepMemoryTracker:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.__exit__(*exc_info)
+
+    def optimizer_update_begins(self) -> None:
+        """With ``closure_steps``: the closure has run; what is made from now on is the optimizer's."""
+        self._tracker._in_opt = True
 
     def next_forward(self) -> None:
         """Call between two forward passes of the same model in one block (gradient accumulation).
