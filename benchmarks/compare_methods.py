@@ -52,7 +52,7 @@ from torch import nn
 
 from lightning_compact.lean import cross_entropy
 from lightning_compact.memory import StepMemoryTracker
-from lightning_compact.memory.checkpointing_options import checkpoint_blocks
+from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.memory.estimator import LEAN_OPTIONS, Variant, build, forward_backward
 from lightning_compact.memory.recipe import RunShape, read_recipe
 
@@ -73,7 +73,7 @@ GALORE_SCALE = 0.25
 
 def build_checkpointed(shape: RunShape, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     model, optimizer = build(shape, Variant(), device=device)
-    checkpoint_blocks(model)
+    apply_checkpointing(model, "blocks")
     return model, optimizer
 
 
