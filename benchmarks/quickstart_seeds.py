@@ -108,8 +108,20 @@ def summarize(results: list[dict[str, Any]], metrics: list[str]) -> dict[str, An
             "paired_ratios": [x / y for x, y in zip(c, b)],
             "paired_differences": [x - y for x, y in zip(c, b)],
             "mean_difference": statistics.fmean(c) - statistics.fmean(b),
+            "paired_ratio_ci95": _t_interval([x / y for x, y in zip(c, b)]),
         }
     return out
+
+
+def _t_interval(values: list[float]) -> list[float] | None:
+    """Two-sided 95% Student-t interval of the mean of ``values`` (paired per seed); None below 2 values."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.fmean(values)
+    return [mean - half, mean + half]
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -122,6 +134,9 @@ def format_table(summary: dict[str, Any]) -> str:
             f"| mean ± std | {m['baseline_mean']:.4f} ± {m['baseline_std']:.4f} | {m['compact_mean']:.4f} ± "
             f"{m['compact_std']:.4f} | {m['ratio_of_means']:.4f} | {m['mean_difference']:+.4f} |"
         )
+        if m.get("paired_ratio_ci95"):
+            lo, hi = m["paired_ratio_ci95"]
+            lines.append(f"paired ratio, mean of seeds: {statistics.fmean(m['paired_ratios']):.4f}, 95% t-interval {lo:.4f} – {hi:.4f}")
     return "\n".join(lines)
 
 
