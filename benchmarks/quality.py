@@ -16,8 +16,10 @@ Runs (``--runs``):
   plain AdamW);
 * beyond the paper: ``orth_n4`` / ``orth_n8`` (``projection="orthogonal"``, the
   orthogonalised Gaussian), ``orth_decompress_*``, and ``*_T10`` (resampled every 10
-  steps). (The moment-carry and rank-schedule ablations of RESULTS §7 ran on the
-  prototype at commit 0c26872, on the 0.1 core; they are not ported to 0.2 yet.)
+  steps), ``compressed_n4_carry`` / ``compressed_n4_T10_carry`` (``CompActAdamW``'s
+  ``moment_carry``: the first moment moved into the new basis at each resample; the
+  prototype's ``carry_n4`` of RESULTS §7 ran at commit 0c26872). (The rank-schedule
+  ablation of the prototype is not ported.)
 
 Each finished run is written to ``<out>/runs/<run>_seed<k>.json`` (kept: a rerun with
 the same settings skips it, so the script can be resumed), then the table, the JSON
@@ -66,6 +68,9 @@ for _r, _frac in (("n4", 0.25), ("n8", 0.125)):
 # The resample period against the run's length: the quickstart's T=50 gives 4-6 windows.
 RUNS["compressed_n4_T10"] = (dict(rank=0.25, grad_mode="compressed", update_proj_gap=10), None)
 RUNS["decompress_n4_T10"] = (dict(rank=0.25, grad_mode="decompressed", update_proj_gap=10), None)
+# Beyond the paper: CompActAdamW(moment_carry=True), turned on after the callback's optimizer swap.
+RUNS["compressed_n4_carry"] = (dict(rank=0.25, grad_mode="compressed"), dict(moment_carry=True))
+RUNS["compressed_n4_T10_carry"] = (dict(rank=0.25, grad_mode="compressed", update_proj_gap=10), dict(moment_carry=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +110,7 @@ def run_one(name: str, seed: int, settings: Settings, threads: int = 1) -> dict[
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from lightning_compact import CompActCallback
+    from lightning_compact import CompActAdamW, CompActCallback
     from lightning_compact.data import PretrainDataModule
     from lightning_compact.models import CausalLMModule
 
@@ -133,10 +138,19 @@ def run_one(name: str, seed: int, settings: Settings, threads: int = 1) -> dict[
                             min_lr_ratio=0.1)
     data = PretrainDataModule(dataset="kjv", tokenizer="byte", seq_len=s.seq_len, batch_size=s.batch_size,
                               val_fraction=0.02, max_val_blocks=s.val_batches * s.batch_size, seed=0)
+    class MomentCarry(Callback):
+        # After CompActCallback.on_fit_start has swapped CompActAdamW in.
+        def on_train_start(self, trainer, pl_module):
+            (optimizer,) = trainer.optimizers
+            assert isinstance(optimizer, CompActAdamW), type(optimizer)
+            optimizer.moment_carry = True
+
     curve = Curve()
     callbacks: list[Any] = [curve]
     if callback_args is not None:
         callbacks.append(CompActCallback(**{"update_proj_gap": s.gap, "seed": seed, "scale": s.scale, **callback_args}))
+    if ablation and ablation.get("moment_carry"):
+        callbacks.append(MomentCarry())
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=s.steps, val_check_interval=s.val_every,
         check_val_every_n_epoch=None, limit_val_batches=s.val_batches, num_sanity_val_steps=0, logger=False,

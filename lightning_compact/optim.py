@@ -12,15 +12,21 @@ Parameter ``δ``, and both moments have ``δ``'s shape::
 with the layer's current ``P``. The decompression ``N Pᵀ`` is fused into the in-place
 update (``addmm_``), so no ``[m, n]`` gradient or moment ever exists; ``δ`` itself stays
 zero. The hyperparameters are those of ``δ``'s parameter group. When the projection is
-resampled the moments are carried over as they are (the paper does the same). Every
-other parameter gets plain AdamW.
+resampled the moments are carried over as they are (the paper does the same), unless
+``moment_carry=True`` (beyond the paper, off by default): then at the first step of a new
+window the first moment is moved into the new basis, ``M ← M (P_oldᵀP_old)⁻¹ P_oldᵀ P_new``
+(the least-squares full-size ``M (P_oldᵀP_old)⁻¹ P_oldᵀ`` compressed with the new ``P``),
+and the second moment keeps its basis-invariant part, each row's mean. Every other
+parameter gets plain AdamW.
 
 Because ``Ĝ`` is a ``.grad``, torch's ``clip_grad_norm_`` (and Lightning's clipping)
 already count it: ``E‖G P‖² = ‖G‖²``, so a threshold tuned without CompAct keeps its
 meaning (the decompressed ``‖Ĝ Pᵀ‖`` would carry ~``(n+1)/r`` times more energy).
 
 The state is only tensors and numbers (``step``, ``exp_avg``, ``exp_avg_sq`` per
-parameter; ``scale`` per group), so checkpoints load with ``torch.load(weights_only=True)``.
+parameter, plus with ``moment_carry`` the int32 hash keys ``projection_keys`` of the
+``P`` the moments are in; ``scale`` per group), so checkpoints load with
+``torch.load(weights_only=True)``.
 
 This module knows nothing of Lightning; :class:`~lightning_compact.controller.CompAct`
 uses :meth:`CompActAdamW.from_optimizer` and :func:`rebind_lr_scheduler` to swap it in
@@ -39,6 +45,7 @@ from torch.optim import Optimizer
 
 from lightning_compact.distributed import add_decompressed_
 from lightning_compact.layers import CompActLinear, delta_owner
+from lightning_compact.projection import build_projection, seed_keys
 
 __all__ = ["DEFAULT_SCALE", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
 
@@ -74,6 +81,14 @@ class CompActAdamW(Optimizer):
             Default :data:`DEFAULT_SCALE` (1.0: a plain-AdamW learning rate keeps its
             meaning). The paper uses 0.25 for pretraining at lr 0.01, and 2 (r = 8) or
             4 (r = 4) for fine-tuning.
+        moment_carry: beyond the paper, off by default (the paper keeps the moments as
+            they are when ``P`` is resampled). When on, at the first step after a
+            resample each compressed first moment is moved into the new basis,
+            ``M ← M (P_oldᵀP_old)⁻¹ P_oldᵀ P_new``, and each row of the second moment is
+            set to its mean (its basis-invariant part); ``P_old`` is rebuilt from the
+            hash keys kept in the state (an ``n × r²`` product and an ``r × r`` solve
+            per layer and window, in float64). Also an attribute: set it after
+            :meth:`from_optimizer` (which the CompAct callback uses) to turn it on.
 
     Example::
 
@@ -90,6 +105,7 @@ class CompActAdamW(Optimizer):
         weight_decay: float = 1e-2,
         *,
         scale: float = DEFAULT_SCALE,
+        moment_carry: bool = False,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -103,17 +119,23 @@ class CompActAdamW(Optimizer):
             raise ValueError(f"Invalid scale (α): {scale}; must be a positive number")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale=float(scale))
         super().__init__(params, defaults)
+        self.moment_carry = bool(moment_carry)
 
     @classmethod
     def from_optimizer(
-        cls, optimizer: Optimizer, *, scale: float = DEFAULT_SCALE, layers: Iterable[CompActLinear] = ()
+        cls,
+        optimizer: Optimizer,
+        *,
+        scale: float = DEFAULT_SCALE,
+        layers: Iterable[CompActLinear] = (),
+        moment_carry: bool = False,
     ) -> CompActAdamW:
         """A ``CompActAdamW`` with ``optimizer``'s parameter groups and hyperparameters.
 
         Group entries other than torch's Adam flags (e.g. a scheduler's ``initial_lr``,
         or user keys) are carried over; groups without a ``scale`` get ``scale``. Each of
         ``layers`` in compressed mode has its ``weight_delta`` take its weight's place
-        (see :func:`put_deltas_in_place_of_weights`).
+        (see :func:`put_deltas_in_place_of_weights`). ``moment_carry`` is the constructor's.
 
         Raises:
             ValueError: when ``optimizer`` has no compressed counterpart (see
@@ -131,7 +153,10 @@ class CompActAdamW(Optimizer):
         for group in groups:
             group.setdefault("scale", float(scale))
         d = optimizer.defaults
-        return cls(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], scale=scale)
+        return cls(
+            groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], scale=scale,
+            moment_carry=moment_carry,
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -157,6 +182,8 @@ class CompActAdamW(Optimizer):
                 grads.append(p.grad)
                 targets.append(layer.weight if layer is not None else p)
                 layers.append(layer)
+            if params and self.moment_carry:
+                self._carry_moments(params, layers)
             if params:
                 self._update_group(group, params, grads, targets, layers)
         return loss
@@ -171,6 +198,38 @@ class CompActAdamW(Optimizer):
         """
         for layer in layers:
             layer.link_delta()
+
+    def _carry_moments(self, params: list[torch.Tensor], layers: list[CompActLinear | None]) -> None:
+        """``moment_carry``: move the compressed moments into the current window's basis.
+
+        Each ``δ``'s state keeps the hash keys of the ``P`` its moments were made with
+        (``projection_keys``, int32 ``[2]`` on the host, so the check costs no device
+        sync); when they differ from the keys of the layer's current seed (a resample,
+        or a resume into a new window), ``P_old`` is rebuilt from them and
+        ``M ← M (P_oldᵀP_old)⁻¹ P_oldᵀ P_new``, ``V ← rowmean(V)``. Rows are independent,
+        so row shards (``to_local()``) are transformed alone. A state without keys (the
+        first step, or a checkpoint saved without ``moment_carry``) only records them.
+        """
+        transforms: dict[tuple[Any, ...], torch.Tensor] = {}  # siblings sharing one P share the r x r matrix
+        for p, layer in zip(params, layers):
+            if layer is None:
+                continue
+            state = self._state_for(p)
+            current = seed_keys(layer.seed)
+            old = state.get("projection_keys")
+            if old is not None and tuple(old.tolist()) != current:
+                key = (tuple(old.tolist()), current, layer.in_features, layer.rank, layer.projection)
+                if key not in transforms:
+                    device = layer.projection_keys.device
+                    transforms[key] = _basis_change(
+                        layer.in_features, layer.rank, old.to(device), torch.tensor(current, dtype=torch.int32,
+                        device=device), layer.projection,
+                    )
+                t = transforms[key]
+                m, v = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+                m.copy_((m.to(t.dtype) @ t.to(m.device)).to(m.dtype))
+                v.copy_(v.mean(dim=-1, keepdim=True).expand_as(v))
+            state["projection_keys"] = torch.tensor(current, dtype=torch.int32)
 
     def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -262,6 +321,19 @@ def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterabl
                 params.append(delta)
                 placed.add(id(delta))
         group["params"] = params
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _basis_change(in_features: int, rank: int, old_keys: torch.Tensor, new_keys: torch.Tensor, projection: str) -> torch.Tensor:
+    """``(P_oldᵀP_old)⁻¹ P_oldᵀ P_new`` (``[r, r]``, float64 where the device has it)."""
+    work = torch.float32 if new_keys.device.type == "mps" else torch.float64
+    p_old = build_projection(in_features, rank, old_keys, projection=projection, dtype=work)
+    p_new = build_projection(in_features, rank, new_keys, projection=projection, dtype=work)
+    return torch.linalg.solve(p_old.t() @ p_old, p_old.t() @ p_new)
 
 
 def unsupported_reason(optimizer: Optimizer) -> str | None:
