@@ -67,6 +67,8 @@ class CompAct:
         share_projection: one projection (and one stored ``x·P``) for the layers of one
             module that read the same input (q/k/v, gate/up).
         cache_projections: ``True``, ``False`` or ``"auto"``; see :class:`CompActConfig`.
+        moment_carry: the :class:`CompActAdamW` made or edited by :meth:`optimizer` carries
+            its first moment into each new basis (beyond the paper; off by default).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class CompAct:
         scale: float = DEFAULT_SCALE,
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
+        moment_carry: bool = False,
     ) -> None:
         if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
             raise ValueError(
@@ -108,6 +111,7 @@ class CompAct:
         self.update_proj_gap = update_proj_gap
         self.target_modules = list(target_modules) if target_modules is not None else None
         self.scale = float(scale)
+        self.moment_carry = bool(moment_carry)
         self.report = ConversionReport()
         self._window: int | None = None
 
@@ -275,8 +279,11 @@ class CompAct:
             raise ValueError(f"{reason}; use Adam/AdamW, or grad_mode='decompressed'")
         if isinstance(optimizer, CompActAdamW):
             put_deltas_in_place_of_weights(optimizer.param_groups, self.compressed_layers.values())
+            optimizer.moment_carry = optimizer.moment_carry or self.moment_carry
         else:
-            optimizer = CompActAdamW.from_optimizer(optimizer, scale=self.scale, layers=self.compressed_layers.values())
+            optimizer = CompActAdamW.from_optimizer(
+                optimizer, scale=self.scale, layers=self.compressed_layers.values(), moment_carry=self.moment_carry
+            )
         return optimizer
 
     @torch.no_grad()

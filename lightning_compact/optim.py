@@ -87,8 +87,8 @@ class CompActAdamW(Optimizer):
             ``M ← M (P_oldᵀP_old)⁻¹ P_oldᵀ P_new``, and each row of the second moment is
             set to its mean (its basis-invariant part); ``P_old`` is rebuilt from the
             hash keys kept in the state (an ``n × r²`` product and an ``r × r`` solve
-            per layer and window, in float64). Also an attribute: set it after
-            :meth:`from_optimizer` (which the CompAct callback uses) to turn it on.
+            per layer and window, in float64). ``CompActCallback(moment_carry=True)`` and
+            ``CompAct(moment_carry=True)`` turn it on in the optimizer they swap in.
 
     Example::
 

@@ -150,3 +150,22 @@ def test_from_optimizer_passes_moment_carry():
     opt = CompActAdamW.from_optimizer(torch.optim.AdamW(layer.parameters()), moment_carry=True)
     assert opt.moment_carry is True
     assert CompActAdamW.from_optimizer(torch.optim.AdamW(layer.parameters())).moment_carry is False
+
+
+def test_the_callback_switches_the_carry_on_in_the_optimizer_it_swaps_in(tmp_path):
+    from helpers import PlainLM, make_trainer, token_loader
+
+    from lightning_compact import CompActCallback
+
+    seen = {}
+
+    class Probe(CompActCallback):
+        def on_train_end(self, trainer, pl_module):
+            seen["carry"] = [getattr(opt, "moment_carry", None) for opt in trainer.optimizers]
+            seen["keys"] = any("projection_keys" in st for opt in trainer.optimizers for st in opt.state.values())
+
+    for carry in (False, True):
+        make_trainer(tmp_path, [Probe(rank=4, update_proj_gap=2, moment_carry=carry)], max_steps=3).fit(
+            PlainLM(), token_loader()
+        )
+        assert seen == {"carry": [carry], "keys": carry}

@@ -138,6 +138,10 @@ class CompActCallback(Callback):
             every forward/backward: ``True``, ``False`` or ``"auto"`` (kept unless it exceeds
             a quarter of the activation bytes the layer saves). In ``bf16-mixed`` and
             ``16-mixed`` the cache is kept in the autocast dtype.
+        moment_carry: beyond the paper, off by default: at each resample the swapped-in
+            ``CompActAdamW`` moves the first moment into the new basis and resets each row
+            of the second to its mean (see :class:`~lightning_compact.optim.CompActAdamW`;
+            RESULTS §7: better on the mean of 3 seeds, not on every seed).
 
     Raises:
         MisconfigurationException: for a bad argument, an unsupported strategy, a
@@ -162,6 +166,7 @@ class CompActCallback(Callback):
         scale: float = DEFAULT_SCALE,
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
+        moment_carry: bool = False,
     ) -> None:
         try:
             resolve_rank(rank, in_features=2)
@@ -173,7 +178,9 @@ class CompActCallback(Callback):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"CompActCallback(seed={seed!r}): must be an int")
-        for arg, value in (("share_projection", share_projection), ("default_exclusions", default_exclusions)):
+        flags = (("share_projection", share_projection), ("default_exclusions", default_exclusions),
+                 ("moment_carry", moment_carry))
+        for arg, value in flags:
             if not isinstance(value, bool):
                 raise MisconfigurationException(f"CompActCallback({arg}={value!r}): must be True or False")
         if exclude_modules is not None and (
@@ -193,6 +200,7 @@ class CompActCallback(Callback):
                 scale=scale,
                 share_projection=share_projection,
                 cache_projections=cache_projections,
+                moment_carry=moment_carry,
             )
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"CompActCallback: {err}") from err
