@@ -116,6 +116,9 @@ def main() -> None:
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "steps": args.steps}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    # Leave together: a rank that tears gloo down while another is still writing its
+    # results can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -171,6 +171,9 @@ def main() -> None:
             }
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    # Leave together: a rank that tears gloo down while another is still writing its
+    # results can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

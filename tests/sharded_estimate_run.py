@@ -26,4 +26,7 @@ if __name__ == "__main__":
         out[name] = result.peak.as_dict()
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
+    # Leave together: a rank that tears gloo down while another is still writing its
+    # results can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
