@@ -91,13 +91,17 @@ class CompActCallback(Callback):
     r/n of the traffic), while the converted weights, which get no ``.grad``, are kept
     out of DDP's buckets and broadcast at start-up by the callback. Layers first created
     in ``configure_model`` appear only after DDP has wrapped the model and use
-    ``grad_mode="decompressed"``. 16-bit mixed precision with a gradient scaler is
-    refused in compressed mode (not yet verified); ``bf16-mixed``, ``bf16-true``, 32 and
-    64 bit are supported.
+    ``grad_mode="decompressed"``. Under FSDP2 (``ModelParallelStrategy`` with
+    ``fully_shard`` in ``configure_model``, which runs after this callback's ``setup``)
+    each ``δ`` is sharded by rows with its weight, FSDP2 reduce-scatters ``Ĝ`` (r/n of
+    the traffic) and ``CompActAdamW`` updates each rank's rows; FSDP1 and DeepSpeed are
+    refused. 16-bit mixed precision with a gradient scaler is refused in compressed mode
+    (not yet verified); ``bf16-mixed``, ``bf16-true``, 32 and 64 bit are supported.
 
     **Lifecycle.** At the end of ``fit`` (and when it fails) every converted layer is
     swapped back to a plain ``nn.Linear`` with the same Parameters: a later loop trains
-    the module as if CompAct had never been there.
+    the module as if CompAct had never been there. Layers sharded by FSDP2 stay in place
+    (FSDP2 holds them) but are deactivated: they act exactly as ``nn.Linear``.
 
     The projection of every layer changes every ``update_proj_gap`` optimizer steps,
     derived from ``trainer.global_step`` alone: all micro-batches of an accumulated step
