@@ -273,7 +273,8 @@ class CompAct:
         """
         if not self.compressed_layers or not self.holds_converted(optimizer):
             return optimizer
-        CompActAdamW.bind_layers(self.compressed_layers.values())  # FSDP2 made new δ Parameters
+        for layer in self.compressed_layers.values():
+            layer.link_delta()  # fully_shard made new δ Parameters: mark them for CompActAdamW
         reason = self.unsupported_reason(optimizer)
         if reason is not None:
             raise ValueError(f"{reason}; use Adam/AdamW, or grad_mode='decompressed'")

@@ -33,12 +33,17 @@ except ImportError:  # a torch built without distributed support: nothing is eve
 from torch.nn.parallel import DistributedDataParallel
 
 
-__all__ = ["add_decompressed_", "broadcast_parameters", "decompress", "exclude_from_ddp", "is_dtensor"]
+__all__ = ["add_decompressed_", "broadcast_parameters", "decompress", "exclude_from_ddp", "is_dtensor", "local_shard"]
 
 
 def is_dtensor(tensor: object) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (e.g. a Parameter sharded by FSDP2's ``fully_shard``)."""
     return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor``'s local shard (a view: in-place ops write the ``DTensor``), any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _distributed() -> bool:
@@ -94,7 +99,7 @@ def decompress(update: torch.Tensor, proj: torch.Tensor, like: torch.Tensor) -> 
         return (update @ proj.t().to(update.dtype)).to(like.dtype)
     mesh = like.device_mesh
     if _same_rows(update, like):
-        local = (update.to_local() @ proj.t().to(update.dtype)).to(like.dtype)
+        local = (local_shard(update) @ proj.t().to(update.dtype)).to(like.dtype)
         return DTensor.from_local(local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
     full = update.full_tensor() if isinstance(update, DTensor) else update
     product = DTensor.from_local(
@@ -114,6 +119,6 @@ def add_decompressed_(weight: torch.Tensor, update: torch.Tensor, proj: torch.Te
     if not isinstance(weight, DTensor) and not isinstance(update, DTensor):
         weight.addmm_(update.to(weight.dtype), proj.t(), alpha=alpha)
     elif isinstance(weight, DTensor) and _same_rows(update, weight):
-        weight.to_local().addmm_(update.to_local().to(weight.dtype), proj.t(), alpha=alpha)
+        local_shard(weight).addmm_(local_shard(update).to(weight.dtype), proj.t(), alpha=alpha)
     else:
         weight.add_(decompress(update, proj, weight), alpha=alpha)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_compact.distributed import add_decompressed_
+from lightning_compact.distributed import add_decompressed_, local_shard
 from lightning_compact.layers import CompActLinear, delta_owner
 from lightning_compact.projection import build_projection, seed_keys
 
@@ -188,17 +188,6 @@ class CompActAdamW(Optimizer):
                 self._update_group(group, params, grads, targets, layers)
         return loss
 
-    @staticmethod
-    def bind_layers(layers: Iterable[CompActLinear]) -> None:
-        """Mark each layer's current ``weight_delta`` as that layer's, for the step to find it.
-
-        Needed where a wrapper re-creates the Parameter objects after conversion (FSDP2's
-        ``fully_shard`` makes each one a sharded ``DTensor`` Parameter): call it after
-        wrapping. :meth:`CompAct.optimizer <lightning_compact.controller.CompAct.optimizer>` does.
-        """
-        for layer in layers:
-            layer.link_delta()
-
     def _carry_moments(self, params: list[torch.Tensor], layers: list[CompActLinear | None]) -> None:
         """``moment_carry``: move the compressed moments into the current window's basis.
 
@@ -226,7 +215,7 @@ class CompActAdamW(Optimizer):
                         device=device), layer.projection,
                     )
                 t = transforms[key]
-                m, v = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+                m, v = local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"])
                 m.copy_((m.to(t.dtype) @ t.to(m.device)).to(m.dtype))
                 v.copy_(v.mean(dim=-1, keepdim=True).expand_as(v))
             state["projection_keys"] = torch.tensor(current, dtype=torch.int32)
@@ -321,11 +310,6 @@ def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterabl
                 params.append(delta)
                 placed.add(id(delta))
         group["params"] = params
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _basis_change(in_features: int, rank: int, old_keys: torch.Tensor, new_keys: torch.Tensor, projection: str) -> torch.Tensor:

@@ -64,8 +64,6 @@ def shard_for_fsdp2(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: An
     from torch.distributed.fsdp import fully_shard
 
     from lightning_compact.models.causal_lm import decoder_layers
-    from lightning_compact.optim import CompActAdamW
-
     if optimizer.state or len(optimizer.param_groups) != 1:
         raise ValueError("shard_for_fsdp2 needs an optimizer without state, holding model.parameters() in one group")
     layers = [m for m in model.modules() if isinstance(m, CompActLinear) and m.weight_delta is not None]
@@ -75,7 +73,8 @@ def shard_for_fsdp2(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: An
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer.param_groups[0]["params"] = list(model.parameters())
-    CompActAdamW.bind_layers(layers)
+    for layer in layers:
+        layer.link_delta()  # the optimizer finds each sharded δ's layer
 
 
 def ddp_bucket_bytes(model: nn.Module) -> int:
