@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compact import CompAct
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from multi_gpu import init_distributed, leave, wrap  # the sibling script (its folder is on sys.path)
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 
@@ -55,14 +53,7 @@ def run(strategy: str, grad_mode: str, device: torch.device, batches: list[torch
     model = LlamaForCausalLM(CONFIG).to(device)
     compact = CompAct(rank=16, update_proj_gap=2, grad_mode=grad_mode)
     compact.convert(model, ddp=strategy == "ddp", fsdp=strategy == "fsdp2")
-    if strategy == "ddp":
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        compact.broadcast_weights()
-    else:
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        wrapped = model
+    wrapped = wrap(model, compact, strategy, device)
     optimizer = compact.optimizer(torch.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1))
     local = [b.chunk(world)[rank] for b in batches]  # the loss is a token mean: equal shares average exactly
     train(wrapped, compact, optimizer, local)
@@ -87,16 +78,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the ranks")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        device = torch.device("cuda", 0 if args.same_device else local_rank)
-        torch.cuda.set_device(device)
-        backend = "gloo" if args.same_device else "nccl"
+    device, backend = init_distributed(args.device, args.same_device)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls, for a tight comparison
         torch.backends.cudnn.allow_tf32 = False
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
     if args.batch % dist.get_world_size():
         raise SystemExit(f"--batch {args.batch} must be divisible by the world size {dist.get_world_size()}")
     g = torch.Generator().manual_seed(0)
@@ -116,10 +101,7 @@ def main() -> None:
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "steps": args.steps}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    # Leave together: a rank that tears gloo down while another is still writing its
-    # results can abort ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

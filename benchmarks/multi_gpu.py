@@ -49,6 +49,19 @@ CONFIGS: dict[str, tuple[float, str] | None] = {
 STRATEGIES = ("ddp", "fsdp2")
 
 
+def wrap(model: torch.nn.Module, compact: CompAct | None, strategy: str, device: torch.device) -> torch.nn.Module:
+    """``model`` (converted by ``compact`` with ``ddp=``/``fsdp=`` set for ``strategy``) under DDP or FSDP2."""
+    if strategy == "ddp":
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compact is not None:
+            compact.broadcast_weights()  # DDP broadcasts only the weights it manages
+        return wrapped
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def build(config: LlamaConfig, name: str, strategy: str, device: torch.device):
     torch.manual_seed(0)
     with torch.device(device):
@@ -59,19 +72,30 @@ def build(config: LlamaConfig, name: str, strategy: str, device: torch.device):
         compact = CompAct(rank, grad_mode=grad_mode, update_proj_gap=200)
         compact.convert(model, ddp=strategy == "ddp", fsdp=strategy == "fsdp2")
         compact.set_projection_dtype(torch.bfloat16 if device.type == "cuda" else None)
-    if strategy == "ddp":
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if compact is not None:
-            compact.broadcast_weights()  # DDP broadcasts only the weights it manages
-    else:
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        wrapped = model
+    wrapped = wrap(model, compact, strategy, device)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
     if compact is not None:
         optimizer = compact.optimizer(optimizer)
     return wrapped, compact, optimizer
+
+
+def init_distributed(device_kind: str, same_device: bool) -> tuple[torch.device, str]:
+    """This rank's device and the initialised process group's backend (gloo on CPU or for ranks sharing a GPU)."""
+    if device_kind == "cuda":
+        device = torch.device("cuda", 0 if same_device else int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "gloo" if same_device else "nccl"  # NCCL refuses two ranks on one GPU
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    return device, backend
+
+
+def leave() -> None:
+    """Leave together: a rank that tears gloo down while another still writes its results can abort
+    ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def measure(args, config: LlamaConfig, name: str, strategy: str, device: torch.device) -> dict:
@@ -131,14 +155,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
     args = parser.parse_args()
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        device = torch.device("cuda", 0 if args.same_device else local_rank)
-        torch.cuda.set_device(device)
-        backend = "gloo" if args.same_device else "nccl"  # NCCL refuses two ranks on one GPU
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
+    device, backend = init_distributed(args.device, args.same_device)
     config = PRESETS[args.preset]
     rows = []
     for strategy in args.strategies:
@@ -171,10 +188,7 @@ def main() -> None:
             }
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    # Leave together: a rank that tears gloo down while another is still writing its
-    # results can abort ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
