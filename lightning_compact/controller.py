@@ -41,7 +41,7 @@ from lightning_compact.layers import (
     restore_linear,
 )
 from lightning_compact.optim import DEFAULT_SCALE, CompActAdamW, put_deltas_in_place_of_weights, unsupported_reason
-from lightning_compact.projection import window_for_step
+from lightning_compact.projection import DEFAULT_PROJECTION, window_for_step
 
 __all__ = ["CompAct"]
 
@@ -81,7 +81,7 @@ class CompAct:
         target_modules: Sequence[str] | None = None,
         exclude_modules: Sequence[str] = (),
         default_exclusions: bool = True,
-        projection: str = "gaussian",
+        projection: str = DEFAULT_PROJECTION,
         scale: float = DEFAULT_SCALE,
         share_projection: bool = False,
         cache_projections: bool | str = "auto",

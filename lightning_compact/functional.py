@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from lightning_compact.projection import PROJECTIONS, Projection, build_projection, seed_keys
+from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, seed_keys
 
 __all__ = ["GRAD_MODES", "compact_linear", "observe_compressed_inputs"]
 
@@ -109,7 +109,7 @@ def compact_linear(
     rank: int,
     seed: int | torch.Tensor | None = None,
     proj: torch.Tensor | None = None,
-    projection: Projection = "gaussian",
+    projection: Projection = DEFAULT_PROJECTION,
     weight_delta: torch.Tensor | None = None,
     share_compressed: bool = False,
 ) -> torch.Tensor:

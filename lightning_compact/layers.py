@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_compact.distributed import is_dtensor
 from lightning_compact.functional import GRAD_MODES, compact_linear
-from lightning_compact.projection import PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
+from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
 __all__ = [
     "CompActConfig",
@@ -143,7 +143,7 @@ class CompActConfig:
     """
 
     rank: int | float
-    projection: Projection = "gaussian"
+    projection: Projection = DEFAULT_PROJECTION
     seed: int = 0
     grad_mode: str = "decompressed"
     exclude_modules: tuple[str, ...] = ()

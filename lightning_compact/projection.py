@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DEFAULT_PROJECTION",
     "PROJECTIONS",
     "Projection",
     "build_projection",
@@ -35,6 +36,8 @@ __all__ = [
 
 Projection = Literal["gaussian", "rademacher", "orthogonal"]
 PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthogonal")
+# The projection every entry point uses unless told otherwise (the one place this is decided).
+DEFAULT_PROJECTION: Projection = "gaussian"
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _MAX_ENTRIES = 2**31 - 1
@@ -132,7 +135,7 @@ def make_projection(
     rank: int,
     seed: int,
     *,
-    projection: Projection = "gaussian",
+    projection: Projection = DEFAULT_PROJECTION,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -173,7 +176,7 @@ def build_projection(
     rank: int,
     keys: torch.Tensor,
     *,
-    projection: Projection = "gaussian",
+    projection: Projection = DEFAULT_PROJECTION,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """:func:`make_projection` from the keys of a seed held in a tensor (int32 ``[2]``, see :func:`seed_keys`).

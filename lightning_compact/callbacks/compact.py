@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_compact.controller import CompAct
 from lightning_compact.layers import CompActLinear, ConversionReport, resolve_rank
 from lightning_compact.optim import DEFAULT_SCALE, rebind_lr_scheduler
+from lightning_compact.projection import DEFAULT_PROJECTION
 
 __all__ = ["CompActCallback"]
 
@@ -165,7 +166,7 @@ class CompActCallback(Callback):
         target_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
         default_exclusions: bool = True,
-        projection: str = "gaussian",
+        projection: str = DEFAULT_PROJECTION,
         grad_mode: str = "auto",
         scale: float = DEFAULT_SCALE,
         share_projection: bool = False,
