@@ -5,6 +5,10 @@
 
 * ``granularity="blocks"``: only the block's inputs are kept; the whole block is run
   again in the backward (the lowest memory, one more forward of the blocks).
+* ``granularity="blocks:0.5"`` (any fraction in (0, 1] after the colon; likewise
+  ``"selective:F"``): only the first ``ceil(F * N)`` of the ``N`` recognised blocks are
+  checkpointed, the others run plainly. Between the two ends: about ``F`` of the
+  recomputation and of the saving (Megatron-LM's ``recompute_num_layers``).
 * ``granularity="selective"``: torch's selective activation checkpointing
   (``create_selective_checkpoint_contexts``) with :func:`compute_intensive_policy`:
   the outputs of matmuls and attention kernels are kept (:data:`SAVED_OPS`), everything
@@ -57,6 +61,7 @@ torch then reports ops "not found in storage").
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,6 +76,7 @@ __all__ = [
     "checkpointed_modules",
     "compute_intensive_policy",
     "is_block",
+    "parse_granularity",
     "restore_checkpointing",
 ]
 
@@ -93,6 +99,26 @@ SAVED_OPS: frozenset = _aten_packets((
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_flash_attention_forward", "_efficient_attention_forward",
 ))
+
+
+def parse_granularity(granularity: str) -> tuple[str, float]:
+    """``(kind, fraction)`` of a granularity: ``"blocks"`` is ``("blocks", 1.0)``, ``"blocks:0.5"`` is ``("blocks", 0.5)``.
+
+    Raises ``ValueError`` naming the accepted forms.
+    """
+    kind, colon, rest = str(granularity).partition(":")
+    fraction = 1.0
+    if colon:
+        try:
+            fraction = float(rest)
+        except ValueError:
+            fraction = math.nan
+    if kind not in GRANULARITIES or not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"checkpointing granularity must be one of {GRANULARITIES}, optionally with ':F' for the fraction "
+            f"0 < F <= 1 of the blocks to checkpoint (e.g. 'blocks:0.5'), got {granularity!r}"
+        )
+    return kind, fraction
 
 
 def compute_intensive_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -170,7 +196,9 @@ def apply_checkpointing(
     Args:
         model: any module tree (a LightningModule too).
         granularity: ``"selective"`` (keep matmul and attention outputs, recompute the
-            rest) or ``"blocks"`` (keep only each block's inputs, recompute the block).
+            rest) or ``"blocks"`` (keep only each block's inputs, recompute the block),
+            either with an optional ``":F"``: checkpoint only the first ``ceil(F * N)``
+            of the ``N`` blocks (``"blocks:0.5"``), the others run as they are.
         module_filter_fn: ``(module, name) -> bool``: the modules to wrap. Default:
             the recognised blocks (:func:`is_block`). Modules nested in a wrapped module
             are never wrapped.
@@ -178,25 +206,31 @@ def apply_checkpointing(
             (torch's selective checkpointing policy; ``op`` is an ``aten`` overload):
             which op outputs to keep. Default :func:`compute_intensive_policy`.
 
-    Calling it again with another granularity switches; modules already wrapped with
-    the same one are left as they are. Undo with :func:`restore_checkpointing`.
+    Calling it again with another granularity switches (blocks beyond a new fraction are
+    unwrapped); modules already wrapped the same way are left as they are. Undo with
+    :func:`restore_checkpointing`.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    kind, fraction = parse_granularity(granularity)
     accept = module_filter_fn or (lambda module, name: is_block(module))
+    blocks: list[nn.Module] = []
     skip_prefix: str | None = None
     for name, module in model.named_modules():
         if skip_prefix is not None and name.startswith(skip_prefix):
             continue
-        if not accept(module, name):
-            continue
-        skip_prefix = name + "." if name else ""
+        if accept(module, name):
+            skip_prefix = name + "." if name else ""
+            blocks.append(module)
+    wrapped = math.ceil(fraction * len(blocks) - 1e-9)  # the tolerance keeps 0.3 x 10 at 3
+    for index, module in enumerate(blocks):
         wrapper = _wrapper(module)
+        if index >= wrapped:
+            _unwrap(module)
+            continue
         if wrapper is not None:
-            if wrapper.granularity == granularity and wrapper.policy is policy:
+            if wrapper.granularity == kind and wrapper.policy is policy:
                 continue
             _unwrap(module)
-        module.forward = _CheckpointedForward(module, granularity, policy)
+        module.forward = _CheckpointedForward(module, kind, policy)
     return model
 
 

@@ -31,6 +31,8 @@ from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
 F64_TOL = 1e-12
 GRANULARITIES = ["selective", "blocks"]
+# With a fraction too: the first ceil(F * N) blocks checkpointed, the others plain.
+WITH_FRACTIONS = [*GRANULARITIES, "blocks:0.5"]
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -79,13 +81,14 @@ def _llama_loss(model: nn.Module) -> torch.Tensor:
     return model(tokens, labels=tokens)
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("granularity", WITH_FRACTIONS)
 @pytest.mark.parametrize("grad_mode", ["compressed", "decompressed"])
 @pytest.mark.parametrize("share_projection", [False, True], ids=["own-P", "shared-P"])
 def test_project_llama_with_compact_checkpointed_has_the_same_loss_and_gradients(granularity, grad_mode, share_projection):
     ref = _llama(grad_mode=grad_mode, share_projection=share_projection)
     test = apply_checkpointing(copy.deepcopy(ref), granularity)
-    assert len(list(checkpointed_modules(test))) == CONFIG.num_hidden_layers
+    wrapped = CONFIG.num_hidden_layers // 2 if granularity.endswith(":0.5") else CONFIG.num_hidden_layers
+    assert len(list(checkpointed_modules(test))) == wrapped
     # The gradient each mode promises is there: δ's in compressed mode, W's otherwise.
     field = "weight_delta" if grad_mode == "compressed" else "weight"
     layers = [n for n, m in test.named_modules() if isinstance(m, CompActLinear)]
@@ -105,7 +108,7 @@ def test_projection_cache_path_is_exact_under_checkpointing(granularity):
     _assert_same(ref, test, _llama_loss)
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("granularity", WITH_FRACTIONS)
 def test_lean_and_compact_checkpointed_have_the_same_loss_and_gradients(granularity):
     ref = apply_lean(_llama(grad_mode="compressed"))
     _assert_same(ref, apply_checkpointing(copy.deepcopy(ref), granularity), _llama_loss)
@@ -203,6 +206,31 @@ def test_checkpointing_keeps_less_and_selective_keeps_x_p_not_x():
     assert compact["blocks"] == plain["blocks"]
 
 
+def test_a_fraction_of_the_blocks_keeps_the_bytes_in_between():
+    # Identical blocks, each either checkpointed or not: the retained bytes are additive per
+    # block, so checkpointing one of two blocks keeps exactly the mean of none and both.
+    for model in (_llama, lambda: apply_lean(_llama(grad_mode="compressed"))):
+        none, both = _retained(model()), _retained(apply_checkpointing(model(), "blocks"))
+        half = _retained(apply_checkpointing(model(), "blocks:0.5"))
+        assert both < half < none
+        assert 2 * half == none + both
+
+
+def test_a_fraction_wraps_the_first_blocks_and_switches():
+    model = _llama()
+    apply_checkpointing(model, "blocks:0.5")
+    assert [(n, g) for n, _, g in checkpointed_modules(model)] == [("model.layers.0", "blocks")]
+    apply_checkpointing(model, "blocks")
+    assert [n for n, _, _ in checkpointed_modules(model)] == ["model.layers.0", "model.layers.1"]
+    apply_checkpointing(model, "selective:0.5")  # a smaller fraction unwraps the rest
+    assert [(n, g) for n, _, g in checkpointed_modules(model)] == [("model.layers.0", "selective")]
+    apply_checkpointing(model, "blocks:0.3")  # ceil(0.3 x 2) = 1
+    assert [(n, g) for n, _, g in checkpointed_modules(model)] == [("model.layers.0", "blocks")]
+    for bad in ("blocks:0", "blocks:1.5", "blocks:half", "blocks:"):
+        with pytest.raises(ValueError, match="blocks:0.5"):
+            apply_checkpointing(model, bad)
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
@@ -261,7 +289,7 @@ def _fit(tmp_path, checkpointing: str | None) -> tuple[list[float], PlainLM, Lea
     return record.losses, module, lean
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("granularity", WITH_FRACTIONS)
 def test_lean_activations_checkpointing_in_a_trainer(tmp_path, granularity, caplog):
     caplog.set_level("INFO")
     ref, _, _ = _fit(tmp_path, None)
@@ -269,14 +297,16 @@ def test_lean_activations_checkpointing_in_a_trainer(tmp_path, granularity, capl
     assert len(losses) == len(ref) == 4
     # Same ops on the same values, float32: the very same losses, step by step.
     assert losses == ref
-    assert f"checkpoint({granularity})" in caplog.text
-    assert [e.op for e in lean.report.swapped].count(f"checkpoint({granularity})") == 2
+    kind, wrapped = granularity.partition(":")[0], (1 if granularity.endswith(":0.5") else 2)  # of PlainLM's 2 blocks
+    assert f"checkpoint({kind})" in caplog.text
+    assert [e.op for e in lean.report.swapped].count(f"checkpoint({kind})") == wrapped
     assert list(checkpointed_modules(module)) == []  # restored at teardown
 
 
 def test_lean_activations_rejects_an_unknown_granularity():
-    with pytest.raises(ValueError, match="checkpointing"):
-        LeanActivations(checkpointing="all")
+    for bad in ("all", "blocks:0", "blocks:2"):
+        with pytest.raises(ValueError, match="checkpointing"):
+            LeanActivations(checkpointing=bad)
 
 
 # ---------------------------------------------------------------- the shared x·P (functional.py)

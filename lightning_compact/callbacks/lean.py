@@ -11,10 +11,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compact.checkpointing import (
-    GRANULARITIES,
     apply_checkpointing,
     checkpointed_modules,
     is_block,
+    parse_granularity,
     restore_checkpointing,
 )
 from lightning_compact.lean.swap import LeanReport, LeanSwap, apply_lean
@@ -41,7 +41,8 @@ class LeanActivations(Callback):
     ``"selective"`` keeps the outputs of matmuls and attention (CompAct's ``x·P``
     included) and recomputes norms, activations, adds and rotary in the backward;
     ``"blocks"`` keeps only each block's input and recomputes the whole block (the least
-    memory, one more forward of the blocks). CompAct's projections are the same in the
+    memory, one more forward of the blocks); ``"blocks:0.5"`` does that for the first half
+    of the blocks only (any fraction after the colon: a dial between the two). CompAct's projections are the same in the
     recomputation; losses and gradients are unchanged. This is the one swap undone at
     ``teardown``.
 
@@ -58,8 +59,9 @@ class LeanActivations(Callback):
         module_filter_fn: ``(module, name) -> bool``; only modules it accepts are swapped.
         chunk_size: tokens per chunk of the loss (default: chunk logits about the size of
             the hidden states).
-        checkpointing: ``None`` (off), ``"selective"`` or ``"blocks"``. Blocks are chosen
-            by ``module_filter_fn`` too when it is given.
+        checkpointing: ``None`` (off), ``"selective"`` or ``"blocks"``, optionally with
+            ``":F"``, the fraction of the blocks checkpointed (``"blocks:0.5"``). Blocks are
+            chosen by ``module_filter_fn`` too when it is given.
 
     Example::
 
@@ -78,8 +80,11 @@ class LeanActivations(Callback):
     ) -> None:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"LeanActivations(chunk_size={chunk_size!r}): must be a positive int or None")
-        if checkpointing is not None and checkpointing not in GRANULARITIES:
-            raise ValueError(f"LeanActivations(checkpointing={checkpointing!r}): must be None or one of {GRANULARITIES}")
+        if checkpointing is not None:
+            try:
+                parse_granularity(checkpointing)
+            except ValueError as err:
+                raise ValueError(f"LeanActivations(checkpointing={checkpointing!r}): None, or {err}") from None
         self.norms, self.mlp, self.loss = norms, mlp, loss
         self.checkpointing = checkpointing
         self.module_filter_fn = module_filter_fn
@@ -100,7 +105,7 @@ class LeanActivations(Callback):
             module_filter_fn=None if filter_fn is None else (lambda m, n: is_block(m) and filter_fn(m, n)),
         )
         # Listed once per block, however many times setup runs.
-        listed = {e.name for e in self.report.entries if e.op == f"checkpoint({self.checkpointing})"}
+        listed = {e.name for e in self.report.entries if e.op.startswith("checkpoint(")}
         for name, module, granularity in checkpointed_modules(pl_module):
             if name not in listed:
                 self.report.entries.append(LeanSwap(name, type(module).__name__, f"checkpoint({granularity})"))

@@ -5,8 +5,11 @@ and a step-time factor for the planner's cost model (with where the factor comes
 Both built-in ones are :func:`lightning_compact.checkpointing.apply_checkpointing`'s (the
 very wrappers ``LeanActivations(checkpointing=...)`` puts on a model): ``"blocks"``
 recomputes each decoder layer in the backward, every matmul included; ``"selective"``
-keeps the matmul and attention outputs and recomputes the elementwise rest. Others come
-from :func:`register_checkpointing`.
+keeps the matmul and attention outputs and recomputes the elementwise rest; either with
+``":F"`` does so for the first fraction ``F`` of the blocks (``"blocks:0.5"`` is built in,
+any other fraction is made on request, its step-time factor scaled from the whole one's
+extra time: ``1 + F * (factor - 1)``, recomputation being per block). Others come from
+:func:`register_checkpointing`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_compact.checkpointing import apply_checkpointing
+from lightning_compact.checkpointing import apply_checkpointing, parse_granularity
 
 __all__ = ["CheckpointGranularity", "checkpointing_granularities", "get_checkpointing", "register_checkpointing"]
 
@@ -40,7 +43,7 @@ class CheckpointGranularity:
     recomputes_matmuls: bool = True
 
 
-_REGISTRY: dict[str, CheckpointGranularity] = {
+_WHOLE: dict[str, CheckpointGranularity] = {
     "blocks": CheckpointGranularity(
         "blocks", lambda model: apply_checkpointing(model, "blocks"), 1.263,
         "benchmarks/RESULTS.md §4 'Against peers': LLaMA-350M on an H200, 128 x 256, bf16-mixed, 1.263x the baseline's step",
@@ -50,6 +53,20 @@ _REGISTRY: dict[str, CheckpointGranularity] = {
         "assumed (unmeasured on a GPU): 1.10", recomputes_matmuls=False,
     ),
 }
+
+
+def _fraction_of(name: str) -> CheckpointGranularity:
+    """``"blocks:0.5"`` and the like: the whole granularity's extra time scaled by the fraction of blocks."""
+    kind, fraction = parse_granularity(name)
+    whole = _WHOLE[kind]
+    return CheckpointGranularity(
+        name, lambda model: apply_checkpointing(model, name), 1.0 + fraction * (whole.step_time_factor - 1.0),
+        f"derived: 1 + {fraction:g} x ({whole.step_time_factor:g} - 1), from '{kind}': {whole.source}",
+        recomputes_matmuls=whole.recomputes_matmuls,
+    )
+
+
+_REGISTRY: dict[str, CheckpointGranularity] = {**_WHOLE, "blocks:0.5": _fraction_of("blocks:0.5")}
 
 
 def register_checkpointing(granularity: CheckpointGranularity) -> None:
@@ -63,8 +80,10 @@ def checkpointing_granularities() -> dict[str, CheckpointGranularity]:
 
 
 def get_checkpointing(name: str) -> CheckpointGranularity:
-    """The granularity called ``name``, or a ``ValueError`` listing the known ones."""
+    """The granularity called ``name`` (a registered one, or a built-in with ``":F"``), else a ``ValueError``."""
     known = checkpointing_granularities()
+    if name not in known and name.partition(":")[0] in _WHOLE:
+        return _fraction_of(name)  # raises for a bad fraction, naming the form
     if name not in known:
         raise ValueError(
             f"unknown checkpointing granularity {name!r}; known: {', '.join(known)} "
