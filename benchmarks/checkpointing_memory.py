@@ -37,10 +37,9 @@ from collections.abc import Iterable
 
 import lightning
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lightning_compact import CompActAdamW, CompActConfig, convert_to_compact
+from lightning_compact._torch_private import torch_dispatch_mode, tree_leaves
 from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
@@ -64,7 +63,7 @@ CONFIGS = {  # name: (lean, CompAct, checkpointing granularity)
 MIB = 2**20
 
 
-class LiveTensorBytes(TorchDispatchMode):
+class LiveTensorBytes(torch_dispatch_mode()):
     """Bytes of the storages allocated by ops inside the mode and still alive: now and at the peak.
 
     A storage is counted once (views share it) from the op that allocated it until

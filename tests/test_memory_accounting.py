@@ -124,14 +124,23 @@ def test_cuda_rounding_rounds_every_allocation_up_to_512_bytes():
 
 
 def test_missing_mem_tracker_names_the_torch_version_to_install(monkeypatch):
-    tracker_module._mem_tracker_api.cache_clear()
+    from lightning_compact import _torch_private
+
+    def clear() -> None:
+        tracker_module._mem_tracker_api.cache_clear()
+        _torch_private._load.cache_clear()
+
+    clear()
     monkeypatch.setitem(__import__("sys").modules, "torch.distributed._tools.mem_tracker", None)
     try:
         with pytest.raises(MemTrackerUnavailable, match=r"torch 2\.11-2\.14.*this is torch"):
             require_mem_tracker()
+        # Every private import says the same through the one module that makes them.
+        with pytest.raises(_torch_private.PrivateTorchAPIError, match=r"mem_tracker\.MemTracker is missing.*torch>=2\.11,<2\.15"):
+            _torch_private.mem_tracker()
     finally:
         monkeypatch.undo()
-        tracker_module._mem_tracker_api.cache_clear()
+        clear()
     require_mem_tracker()  # available again
 
 
@@ -231,3 +240,23 @@ def test_monitor_breakdown_with_lean_activations_shows_the_estimators_saving(tmp
     saving = logged[False]["memory/breakdown/total_MiB"] - logged[True]["memory/breakdown/total_MiB"]
     assert saving == pytest.approx(estimated[False]["total"] - estimated[True]["total"], rel=0.05)
     assert logged[True]["memory/saved_activations_MiB"] < logged[False]["memory/saved_activations_MiB"]
+
+
+def test_private_torch_modules_are_imported_in_one_place():
+    # torch's private modules (torch._subclasses, torch.utils._pytree, torch.distributed._tools,
+    # torch.testing._internal, ...) change between releases: lightning_compact/_torch_private.py
+    # is the one module that imports them, so a torch upgrade is checked in one place.
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    private = re.compile(r"^\s*(from|import)\s+torch(\.\w+)*\._\w+", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("lightning_compact", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.name != "_torch_private.py" and private.search(path.read_text())
+    ]
+    assert offenders == []
+    assert private.search((root / "lightning_compact" / "_torch_private.py").read_text()) is None  # it imports lazily
+    assert "torch._subclasses.fake_tensor" in (root / "lightning_compact" / "_torch_private.py").read_text()

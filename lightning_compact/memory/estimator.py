@@ -60,8 +60,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lightning_compact._torch_private import fake_tensor_mode
 from lightning_compact.layers import CompActConfig, CompActLinear, convert_to_compact, resolve_rank
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, format_bytes, format_table
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
@@ -311,7 +311,7 @@ def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True
                 raise RuntimeError(f"a real (fake=False) fsdp2 step needs an initialised process group of {world_size}")
             mesh = init_device_mesh("cpu", (world_size,))  # outside FakeTensorMode: the mesh reads real ranks
         if fake:
-            stack.enter_context(FakeTensorMode())
+            stack.enter_context(fake_tensor_mode()())
         if cuda:
             stack.enter_context(cuda_attention_memory())
             stack.enter_context(cuda_loss_chunks())

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
+
+from lightning_compact._torch_private import fake_tensor
 
 __all__ = ["cuda_attention_memory"]
 
@@ -75,7 +76,7 @@ def _fused_sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    if not all(isinstance(t, FakeTensor) for t in (query, key, value)):
+    if not all(isinstance(t, fake_tensor()) for t in (query, key, value)):
         raise RuntimeError("cuda_attention_memory() models memory only; use it under FakeTensorMode")
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):

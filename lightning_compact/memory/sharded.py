@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_compact._torch_private import fake_store
 from lightning_compact.layers import CompActLinear
 from lightning_compact.memory.breakdown import StepMemory
 
@@ -41,14 +42,8 @@ def fake_process_group(world_size: int) -> Iterator[None]:
     """Rank 0 of a process group of ``world_size`` ranks whose collectives do nothing (shapes only)."""
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised: estimate a sharded run from a fresh process")
-    try:  # the fake backend's store lives in torch's testing package (private; torch 2.11-2.14 have it)
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-    except ImportError as err:
-        raise RuntimeError(
-            f"per-rank estimates need torch's fake process group (torch.testing._internal.distributed.fake_pg), "
-            f"missing from torch {torch.__version__}; install torch 2.11-2.14"
-        ) from err
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    store = fake_store()()  # torch's testing package; PrivateTorchAPIError names the torch to install
+    dist.init_process_group("fake", store=store, rank=0, world_size=world_size)
     try:
         yield
     finally:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compact._torch_private import PrivateTorchAPIError, mem_tracker
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory
 
 __all__ = ["CUDA_ALLOCATION_ROUNDING", "MemTrackerUnavailable", "StepMemoryTracker", "measure_step", "require_mem_tracker"]
@@ -72,9 +73,9 @@ def _mem_tracker_api() -> tuple[type, Any]:
         "(SavedActivationTracker) works without it."
     )
     try:
-        from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-    except Exception as err:  # ImportError, or a distributed-less build failing inside the import
-        raise MemTrackerUnavailable(f"{hint} Import failed: {err!r}") from err
+        MemTracker, _MemRefType = mem_tracker()
+    except PrivateTorchAPIError as err:
+        raise MemTrackerUnavailable(f"{hint} Import failed: {err}") from err
     missing = [name for name in _REQUIRED if not hasattr(MemTracker, name)]
     unknown = sorted({m.value for m in _MemRefType} - set(_CATEGORY_OF))
     if missing or unknown:

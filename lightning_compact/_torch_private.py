@@ -1,0 +1,77 @@
+"""Every private PyTorch module this package imports, in one place, for torch 2.11-2.14.
+
+The memory accounting needs what torch has no public API for: fake tensors (the
+estimator runs a 7B step without allocating), the ``MemTracker`` behind the per-category
+figures, the fake process group's store (per-rank FSDP2 estimates) and dispatch modes
+(counting live storages in a benchmark). Each is imported here, on first use, and a
+torch without it raises :class:`PrivateTorchAPIError` naming the versions this package
+was checked with. (``torch._foreach_*`` in ``optim.py`` are the multi-tensor kernels
+``torch.optim`` itself runs; they are ops, not modules, and stay there.)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKED_TORCH",
+    "PrivateTorchAPIError",
+    "fake_store",
+    "fake_tensor",
+    "fake_tensor_mode",
+    "mem_tracker",
+    "torch_dispatch_mode",
+    "tree_leaves",
+]
+
+CHECKED_TORCH = "2.11-2.14"
+
+
+class PrivateTorchAPIError(ImportError):
+    """This torch lacks a private API the package relies on; the message says which torch to install."""
+
+
+@functools.cache
+def _load(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as err:  # ImportError, AttributeError, or a distributed-less build failing inside the import
+        raise PrivateTorchAPIError(
+            f"{module}.{name} is missing from torch {torch.__version__} ({err!r}); lightning-compact uses it as "
+            f"shipped in torch {CHECKED_TORCH}: `pip install 'torch>=2.11,<2.15'`"
+        ) from err
+
+
+def fake_tensor_mode() -> type:
+    """``torch._subclasses.fake_tensor.FakeTensorMode``."""
+    return _load("torch._subclasses.fake_tensor", "FakeTensorMode")
+
+
+def fake_tensor() -> type:
+    """``torch._subclasses.fake_tensor.FakeTensor``."""
+    return _load("torch._subclasses.fake_tensor", "FakeTensor")
+
+
+def mem_tracker() -> tuple[type, Any]:
+    """``(MemTracker, _MemRefType)`` from ``torch.distributed._tools.mem_tracker``."""
+    module = "torch.distributed._tools.mem_tracker"
+    return _load(module, "MemTracker"), _load(module, "_MemRefType")
+
+
+def fake_store() -> type:
+    """The store of torch's ``"fake"`` process-group backend (``torch.testing._internal.distributed.fake_pg``)."""
+    return _load("torch.testing._internal.distributed.fake_pg", "FakeStore")
+
+
+def torch_dispatch_mode() -> type:
+    """``torch.utils._python_dispatch.TorchDispatchMode``."""
+    return _load("torch.utils._python_dispatch", "TorchDispatchMode")
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """``torch.utils._pytree.tree_leaves``."""
+    return _load("torch.utils._pytree", "tree_leaves")(tree)
