@@ -10,6 +10,9 @@ Methods, all on the same LLaMA model, batch and precision:
   lm_head + loss save only their inputs; no matmul recomputed), AdamW; the loss on the
   torch backend even where liger-kernel is installed.
 * ``lean + CompAct n/4|n/8 compressed``: both, ``CompActAdamW``.
+* ``CompAct n/8 compressed + lean + checkpointing selective|blocks:0.5|blocks``: the same
+  with :func:`~lightning_compact.checkpointing.apply_checkpointing` on top (selective:
+  matmul outputs kept; ``blocks:0.5``: the first half of the blocks recomputed whole).
 * ``liger-kernel``: ``lean`` with the loss on liger-kernel's fused Triton kernel (CUDA and
   ``pip install liger-kernel`` only; skipped with the reason elsewhere).
 * ``GaLore n/4``: ``galore_torch.GaLoreAdamW`` (``pip install galore-torch``) on the attention
@@ -47,12 +50,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from lightning_compact.lean import cross_entropy
 from lightning_compact.memory import StepMemoryTracker
-from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.memory.estimator import LEAN_OPTIONS, Variant, build, forward_backward
 from lightning_compact.memory.recipe import RunShape, read_recipe
 
@@ -69,12 +70,6 @@ CPU_SHAPE = RunShape(
 # GaLore's pretraining settings (its torchrun_main defaults for LLaMA).
 GALORE_UPDATE_PROJ_GAP = 200
 GALORE_SCALE = 0.25
-
-
-def build_checkpointed(shape: RunShape, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-    model, optimizer = build(shape, Variant(), device=device)
-    apply_checkpointing(model, "blocks")
-    return model, optimizer
 
 
 def build_lean(shape: RunShape, variant: Variant, device: str, backend: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -148,10 +143,13 @@ def methods(shape: RunShape, device: str = "cpu") -> dict[str, Callable[[str], t
         for mode in ("compressed", "decompressed"):
             variant = Variant(rank, mode)
             table[variant.label] = lambda device, v=variant: build(shape, v, device=device)
-    table["checkpointing"] = lambda device: build_checkpointed(shape, device)
+    table["checkpointing"] = lambda device: build(shape, Variant(checkpointing="blocks"), device=device)
     table["lean"] = lambda device: build_lean(shape, Variant(lean=LEAN_OPTIONS), device, "torch")
     for rank in (0.25, 0.125):
         variant = Variant(rank, "compressed", LEAN_OPTIONS)
+        table[variant.label] = lambda device, v=variant: build_lean(shape, v, device, "torch")
+    for granularity in ("selective", "blocks:0.5", "blocks"):
+        variant = Variant(0.125, "compressed", LEAN_OPTIONS, granularity)
         table[variant.label] = lambda device, v=variant: build_lean(shape, v, device, "torch")
     table["liger-kernel"] = liger_unavailable(device) or (lambda device: build_lean(shape, Variant(lean=LEAN_OPTIONS), device, "liger"))
     table["GaLore n/4"] = galore_unavailable() or (lambda device: build_galore(shape, device))

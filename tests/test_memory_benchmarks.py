@@ -50,7 +50,8 @@ def test_compare_methods_reports_every_method_with_ratios_to_the_baseline(tmp_pa
 
 def test_compare_methods_has_lean_rows_and_skips_liger_kernel_on_cpu(tmp_path):
     out = tmp_path / "cmp.json"
-    only = ["baseline", "lean", "CompAct n/4 compressed + lean", "liger-kernel"]
+    only = ["baseline", "lean", "CompAct n/4 compressed + lean", "CompAct n/8 compressed + lean + checkpointing blocks",
+            "liger-kernel"]
     # 512 tokens: fewer and the chunked loss's saved [vocab, hidden] weight gradient
     # outweighs the [tokens, hidden] inputs CompAct compresses.
     proc = _run("benchmarks/compare_methods.py", "--device", "cpu", "--batch-size", "4", "--seq-len", "128",
@@ -58,6 +59,6 @@ def test_compare_methods_has_lean_rows_and_skips_liger_kernel_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["methods"]
     assert list(rows) == only
-    base, lean, both = (rows[k]["largest"]["activations"] for k in only[:3])
-    assert both < lean < base
+    base, lean, both, checkpointed = (rows[k]["largest"]["activations"] for k in only[:4])
+    assert checkpointed < both < lean < base
     assert rows["liger-kernel"]["skipped"] == "liger-kernel runs on CUDA only"
