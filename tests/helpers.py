@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
@@ -82,3 +88,18 @@ class RecordingLogger(Logger):
 
     def log_hyperparams(self, params, *args, **kwargs):
         pass
+
+
+def run_two_ranks(script: str, out_dir: Path, *args: str, port_base: int, timeout: int = 300) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``tests/<script>`` (which starts its own 2 gloo processes) and load what each rank saved as ``rank<r>.pt``.
+
+    ``port_base`` keeps concurrent test files off each other's rendezvous port.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port_base + os.getpid() % 1000)}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), str(out_dir), *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2))
+    return r0, r1

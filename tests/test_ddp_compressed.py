@@ -1,13 +1,8 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from ddp_compressed_train import LOCAL_BATCH, N_SAMPLES, SETTINGS, WORLD
-from helpers import PlainLM, make_trainer, token_loader
+from helpers import PlainLM, make_trainer, run_two_ranks, token_loader
 from lightning_compact import CompActCallback
 
 
@@ -15,13 +10,8 @@ from lightning_compact import CompActCallback
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_two_process_ddp_matches_one_process_on_the_global_batch(tmp_path, optimizer):
     """DDP's reducer averages the compressed gradients (δ.grad): AdamW steps with them, SGD gets them decompressed."""
-    script = Path(__file__).with_name("ddp_compressed_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), optimizer], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert WORLD == 2
+    r0, r1 = run_two_ranks("ddp_compressed_train.py", tmp_path, optimizer, port_base=30500)
 
     # The converted weights get no .grad, so DDP leaves them alone; their compressed
     # gradients are reduced instead, r·m per weight and step (r/n = 4/32 or 4/64 of the

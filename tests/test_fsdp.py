@@ -1,15 +1,10 @@
 """FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) with CompAct, 2 CPU processes over gloo."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from fsdp_train import GAP, LOCAL_BATCH, N_SAMPLES, RANK, SETTINGS, STEPS, WORLD
-from helpers import PlainLM, make_trainer, token_loader
+from helpers import PlainLM, make_trainer, run_two_ranks, token_loader
 from lightning_compact import CompActCallback
 
 
@@ -20,13 +15,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_mode", ["compressed", "decompressed"])
 def test_two_process_fsdp2_matches_one_process_and_resumes_exactly(tmp_path, grad_mode):
-    script = Path(__file__).with_name("fsdp_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(31500 + os.getpid() % 1000)}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), grad_mode], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert WORLD == 2
+    r0, r1 = run_two_ranks("fsdp_train.py", tmp_path, grad_mode, port_base=31500, timeout=600)
 
     assert len(r0["converted"]) == 12
     assert r0["compressed"] == (r0["converted"] if grad_mode == "compressed" else [])
