@@ -37,13 +37,15 @@ def _mlp():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grad_mode", ["compressed", "decompressed"])
-def test_inductor_fullgraph_trains_like_eager(grad_mode):
+@pytest.mark.parametrize("grad_mode, projection", [("compressed", "gaussian"), ("decompressed", "gaussian"), ("compressed", "orthogonal")])
+def test_inductor_fullgraph_trains_like_eager(grad_mode, projection):
     # float32 on CPU: inductor fuses and reorders, so agreement is to rounding (~1e-6).
+    # The orthogonal projection's QR is traced into the same graph (no graph break).
     torch.manual_seed(0)
-    eager, compact_e = _mlp(), CompAct(rank=8, grad_mode=grad_mode, update_proj_gap=1, default_exclusions=False)
+    kwargs = dict(rank=8, grad_mode=grad_mode, update_proj_gap=1, default_exclusions=False, projection=projection)
+    eager, compact_e = _mlp(), CompAct(**kwargs)
     compiled_model = copy.deepcopy(eager)
-    compact_c = CompAct(rank=8, grad_mode=grad_mode, update_proj_gap=1, default_exclusions=False)
+    compact_c = CompAct(**kwargs)
     compact_e.convert(eager)
     compact_c.convert(compiled_model)
     opt_e = compact_e.optimizer(torch.optim.AdamW(eager.parameters(), lr=1e-2))
