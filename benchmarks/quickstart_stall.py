@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--memory.enabled", "false",
                 "--trainer.limit_val_batches", "0",
                 *(["--compact.enabled", "false"] if args.baseline else []), *args.extra]
-    cli = CompActCLI(args=cli_args, run=False)
+    cli = CompActCLI(args=cli_args, run=False, save_config_callback=None)  # no config.yaml in the working directory
 
     class Record(pl.Callback):
         def __init__(self) -> None:
