@@ -37,3 +37,22 @@ def test_summary_pairs_seeds_and_gives_a_t_interval(qs):
     lo, hi = m["paired_ratio_ci95"]
     assert (hi - lo) / 2 == pytest.approx(12.7062 * (0.02 / math.sqrt(2)) / math.sqrt(2), rel=1e-4)
     assert "paired ratio" in qs.format_table(qs.summarize(runs, ["val/loss"]))
+
+
+def test_stall_diagnostic_records_every_step_of_the_shipped_recipe(tmp_path, monkeypatch):
+    # benchmarks/quickstart_stall.py on the quickstart recipe, 2 steps of 2 x 32 bytes.
+    root = SCRIPT.parent.parent
+    spec = importlib.util.spec_from_file_location("quickstart_stall", root / "benchmarks" / "quickstart_stall.py")
+    stall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stall)
+    monkeypatch.chdir(tmp_path)
+    out = stall.main(["--recipe", str(root / "recipes" / "quickstart" / "pretrain_llama_tiny.yaml"), "--seed", "1",
+                      "--steps", "2", "--out", str(tmp_path / "stall.json"), "--",
+                      "--data.init_args.batch_size", "2", "--data.init_args.seq_len", "32"])
+    assert [r["step"] for r in out["rows"]] == [1, 2]
+    for row in out["rows"]:
+        assert set(row["relative_update"]) == set(stall.GROUPS)
+        assert all(0 < v < 1 for v in row["relative_update"].values())  # every group moved, by less than its norm
+        assert row["residual_rms"] > 0 and 0 < row["embed_share"]
+    assert (tmp_path / "stall.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stall.json"]  # no config.yaml, no logs
