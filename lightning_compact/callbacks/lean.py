@@ -42,9 +42,9 @@ class LeanActivations(Callback):
     included) and recomputes norms, activations, adds and rotary in the backward;
     ``"blocks"`` keeps only each block's input and recomputes the whole block (the least
     memory, one more forward of the blocks); ``"blocks:0.5"`` does that for the first half
-    of the blocks only (any fraction after the colon: a dial between the two). CompAct's projections are the same in the
-    recomputation; losses and gradients are unchanged. This is the one swap undone at
-    ``teardown``.
+    of the blocks only (any fraction after the colon: a dial between the two). CompAct's
+    projections are the same in the recomputation; losses and gradients are unchanged.
+    This is the one swap undone at ``teardown``.
 
     With ``loss=True`` a causal LM's *training* forward (labels given, gradients on)
     returns the loss without logits (``logits=None`` for transformers models); a
