@@ -93,6 +93,12 @@ def run_beyond(model: str) -> list[dict]:
     return rows
 
 
+def _aligned(lines: list[list[str]]) -> str:
+    """Rows of cells as right-aligned columns."""
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+
+
 def render_beyond(rows: list[dict]) -> str:
     header = ["model", "row", "paper GB", "paper ratio", "ours GB", "ours ratio", "recomputes matmuls"]
     lines = [header]
@@ -105,8 +111,7 @@ def render_beyond(rows: list[dict]) -> str:
             lines.append([model, r["row"], f"{paper:.2f}" if paper else ("OOM" if r["row"] == "baseline" else "-"),
                           f"{paper / paper_ref:.3f}" if paper and paper_ref else "-", f"{r['ours_bytes'] / GB:.2f}",
                           f"{r['ours_bytes'] / ours_ref:.3f}", "yes" if r["recomputes_matmuls"] else "no"])
-    widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+    return _aligned(lines)
 
 
 def render(rows: list[dict]) -> str:
@@ -125,8 +130,7 @@ def render(rows: list[dict]) -> str:
             for mode in ("compressed", "decompressed"):
                 cells += [f"{ours(r, mode):.2f}", f"{ours(ref, mode) - ours(r, mode):.2f}"]
             lines.append(cells)
-    widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+    return _aligned(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
