@@ -122,7 +122,10 @@ def render(rows: list[dict]) -> str:
         ref = next(r for r in mine if r["paper_GB"] is not None)  # the first row the paper has
 
         def ours(row: dict, mode: str) -> float:
-            return row["ours_bytes"].get(mode, row["ours_bytes"].get("baseline")) / GB
+            # Results written before 0.2 spell the mode "decompress" (CHANGELOG, Breaking).
+            found = row["ours_bytes"]
+            old_name = {"decompressed": "decompress"}.get(mode, mode)
+            return found.get(mode, found.get(old_name, found.get("baseline"))) / GB
 
         for r in mine:
             paper = r["paper_GB"]

@@ -62,3 +62,15 @@ def test_compare_methods_has_lean_rows_and_skips_liger_kernel_on_cpu(tmp_path):
     base, lean, both, checkpointed = (rows[k]["largest"]["activations"] for k in only[:4])
     assert checkpointed < both < lean < base
     assert rows["liger-kernel"]["skipped"] == "liger-kernel runs on CUDA only"
+
+
+def test_estimate_vs_paper_reprints_both_recorded_tables():
+    # The tables of RESULTS §4 from their JSON, without estimating again (the first was
+    # written before 0.2 renamed the mode "decompress" to "decompressed").
+    results = REPO / "benchmarks" / "results"
+    table = _run("benchmarks/estimate_vs_paper.py", "--from-json", str(results / "estimate_vs_paper.json"))
+    assert table.returncode == 0, table.stderr
+    assert "46.34   5.27            47.17   4.44" in table.stdout  # 350M n/4: compressed, then decompressed
+    beyond = _run("benchmarks/estimate_vs_paper.py", "--from-json", str(results / "estimate_beyond_paper.json"))
+    assert beyond.returncode == 0, beyond.stderr
+    assert "lean + n/4 + checkpoint blocks" in beyond.stdout and "0.092" in beyond.stdout
