@@ -1,4 +1,4 @@
-"""Tokens/s and peak memory: baseline, CompAct (n/4, n/8, both gradient modes), full checkpointing; eager and compiled.
+"""Tokens/s and peak memory: baseline, CompAct (n/4, n/8, both modes, orthogonal P), full checkpointing; eager and compiled.
 
 Every configuration runs in this one process, one after the other, on the same model
 shape, batch and precision, as a plain training loop (projection schedule, forward under
@@ -30,9 +30,9 @@ import time
 import traceback
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lightning_compact import CompAct
+from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 
 PRESETS = {
@@ -40,31 +40,21 @@ PRESETS = {
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
 }
 
-# name -> (rank, grad_mode, checkpointing)
-CONFIGS: dict[str, tuple[float | None, str | None, bool]] = {
-    "baseline": (None, None, False),
-    "n/4 compressed": (0.25, "compressed", False),
-    "n/8 compressed": (0.125, "compressed", False),
-    "n/4 decompressed": (0.25, "decompressed", False),
-    "n/8 decompressed": (0.125, "decompressed", False),
-    "full checkpointing": (None, None, True),
+# name -> (rank, grad_mode, activation-checkpointing granularity, projection)
+CONFIGS: dict[str, tuple[float | None, str | None, str | None, str]] = {
+    "baseline": (None, None, None, "gaussian"),
+    "n/4 compressed": (0.25, "compressed", None, "gaussian"),
+    "n/8 compressed": (0.125, "compressed", None, "gaussian"),
+    "n/8 orthogonal": (0.125, "compressed", None, "orthogonal"),  # beyond the paper: a QR per window
+    "n/4 decompressed": (0.25, "decompressed", None, "gaussian"),
+    "n/8 decompressed": (0.125, "decompressed", None, "gaussian"),
+    "full checkpointing": (None, None, "blocks", "gaussian"),
 }
-COMPILED_BY_DEFAULT = ("baseline", "n/4 compressed", "n/8 compressed", "full checkpointing")
-
-
-class CheckpointedLayers(torch.nn.Module):
-    """Wraps a decoder layer so its forward is recomputed in the backward (non-reentrant)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+COMPILED_BY_DEFAULT = ("baseline", "n/4 compressed", "n/8 compressed", "n/8 orthogonal", "full checkpointing")
 
 
 def build(config: LlamaConfig, name: str, device: torch.device, compiled: bool):
-    rank, grad_mode, ckpt = CONFIGS[name]
+    rank, grad_mode, granularity, projection = CONFIGS[name]
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -72,14 +62,12 @@ def build(config: LlamaConfig, name: str, device: torch.device, compiled: bool):
     compact = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if rank is not None:
-        compact = CompAct(rank, grad_mode=grad_mode, cache_projections=True, update_proj_gap=50)
+        compact = CompAct(rank, grad_mode=grad_mode, projection=projection, cache_projections=True, update_proj_gap=50)
         compact.convert(model)
         compact.set_projection_dtype(torch.bfloat16 if device.type == "cuda" else None)
         optimizer = compact.optimizer(optimizer)
-    if ckpt:
-        layers = model.model.layers
-        for i in range(len(layers)):
-            layers[i] = CheckpointedLayers(layers[i])
+    if granularity is not None:
+        apply_checkpointing(model, granularity)
     forward = torch.compile(model, fullgraph=True) if compiled else model
     return model, forward, optimizer, compact
 

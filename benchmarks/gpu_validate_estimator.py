@@ -1,7 +1,10 @@
 """On a GPU: is the no-GPU estimator right? Estimated total vs ``torch.cuda.max_memory_allocated``.
 
 For each recipe (default: the paper's 60M and 350M pretraining recipes) and each
-variant (baseline, CompAct n/4 in both gradient modes), this script
+variant of the chosen sets (``--variants``; default ``paper``: baseline, CompAct n/4 in
+both gradient modes; ``lean``: lean activations alone, with CompAct n/8 and with block
+checkpointing of all or half the blocks; ``recipe``: the recipe exactly as configured,
+e.g. a planner's pick pasted with ``--batch-size``/``--accumulate``), this script
 
 1. estimates the step on fake CPU tensors with ``device_type="cuda"``
    (:func:`lightning_compact.memory.estimator.estimate`), then
@@ -18,6 +21,11 @@ Needs only torch, PyYAML (a lightning dependency) and this package: no ``dataset
 ``jsonargparse`` or ``transformers``. Runs in about a minute on an H100::
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu_validate_estimator.py --out gpu_estimator.json
+    # the lean and checkpointing estimates (issue 11), and the planner's 1B pick at 40 GiB:
+    ... gpu_validate_estimator.py --recipes recipes/pretrain/llama_350m_c4_lean.yaml --batch-size 32 \
+        --accumulate 16 --variants lean --out lean.json
+    ... gpu_validate_estimator.py --recipes recipes/pretrain/llama_1b_c4.yaml --batch-size 16 --accumulate 32 \
+        --variants recipe --compact-enabled false --out plan_1b.json
 
 ``--cpu-smoke`` checks the same code path on the CPU with a tiny model (the
 measurement is then the real-tensor accounting, not CUDA's allocator).
@@ -37,12 +45,18 @@ from pathlib import Path
 
 import torch
 
-from lightning_compact.memory.estimator import Variant, build, estimate, forward_backward
+from lightning_compact.memory.estimator import Variant, build, estimate, forward_backward, recipe_variant
 from lightning_compact.memory.recipe import RunShape, read_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["recipes/pretrain/llama_60m_c4.yaml", "recipes/pretrain/llama_350m_c4.yaml"]
-VARIANTS = [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")]
+LEAN = ("norms", "mlp", "loss")
+VARIANT_SETS: dict[str, list[Variant]] = {
+    "paper": [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")],
+    "lean": [Variant(lean=LEAN), Variant(0.125, lean=LEAN), Variant(0.125, lean=LEAN, checkpointing="blocks:0.5"),
+             Variant(0.125, lean=LEAN, checkpointing="blocks"), Variant(checkpointing="blocks")],
+    "recipe": [],  # filled per recipe: recipe_variant(shape)
+}
 TOLERANCE = 0.05
 GIB = 2**30
 
@@ -127,11 +141,36 @@ def run_case(shape: RunShape, variant: Variant, on_cuda: bool) -> dict:
     return row
 
 
+def override(shape: RunShape, args: argparse.Namespace) -> RunShape:
+    """The recipe with the command line's precision, batch, accumulation and CompAct switch."""
+    changes = {"precision": args.precision, "batch_size": args.batch_size, "accumulate_grad_batches": args.accumulate}
+    shape = dataclasses.replace(shape, **{k: v for k, v in changes.items() if v is not None})
+    if args.compact_enabled == "false":
+        shape = dataclasses.replace(shape, compact_rank=None)
+    return shape
+
+
+def chosen_variants(shape: RunShape, sets: list[str]) -> list[Variant]:
+    """The variants of ``sets`` in order, the recipe's own once (skipped where it equals one already listed)."""
+    out: list[Variant] = []
+    for name in sets:
+        for variant in [recipe_variant(shape)] if name == "recipe" else VARIANT_SETS[name]:
+            if variant not in out:
+                out.append(variant)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
     parser.add_argument("--precision", help="override every recipe's trainer.precision (e.g. bf16-true)")
+    parser.add_argument("--variants", nargs="+", default=["paper"], choices=sorted(VARIANT_SETS),
+                        help="which sets of configurations to check (recipe: the recipe as configured)")
+    parser.add_argument("--batch-size", type=int, help="override every recipe's micro-batch (data.batch_size)")
+    parser.add_argument("--accumulate", type=int, help="override trainer.accumulate_grad_batches")
+    parser.add_argument("--compact-enabled", choices=("true", "false"),
+                        help="false: the recipe's CompAct off (as --compact.enabled false does for fit)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (no GPU needed)")
     args = parser.parse_args(argv)
 
@@ -151,16 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     if args.cpu_smoke:
         tiny = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
-        shapes = [RunShape(model="llama_60m", config_overrides=tiny, batch_size=2, seq_len=32, precision="bf16-mixed",
-                           accumulate_grad_batches=2, device_type="cpu")]
+        shapes = [override(RunShape(model="llama_60m", config_overrides=tiny, batch_size=2, seq_len=32, precision="bf16-mixed",
+                                    accumulate_grad_batches=2, device_type="cpu", compact_rank=0.125, lean=LEAN), args)]
     else:
         shapes = []
         budget = int(0.9 * torch.cuda.get_device_properties(0).total_memory)
         for recipe in args.recipes:
             try:
                 shape = dataclasses.replace(read_recipe(REPO / recipe), device_type="cuda")
-                if args.precision:
-                    shape = dataclasses.replace(shape, precision=args.precision)
+                shape = override(shape, args)
                 log(f"{recipe}: {shape.model} batch {shape.batch_size} seq {shape.seq_len} {shape.precision} "
                     f"accumulate {shape.accumulate_grad_batches}")
                 shapes.append(fit_batch(shape, budget))
@@ -168,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{recipe}: FAILED to read/estimate: {err!r}")
                 cases.append({"recipe": recipe, "error": repr(err)})
     for shape in shapes:
-        for variant in VARIANTS:
+        for variant in chosen_variants(shape, args.variants):
             label = f"{shape.model} b{shape.batch_size} {variant.label}"
             try:
                 row = {"model": shape.model, "shape": dataclasses.asdict(shape), **run_case(shape, variant, on_cuda)}

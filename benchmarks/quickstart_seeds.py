@@ -166,7 +166,7 @@ def plot(results: list[dict[str, Any]], metric: str, path: Path, title: str) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/quickstart/pretrain_llama_tiny.yaml")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", help="comma-separated (default: 0,1,2; with --report-only, every seed on disk)")
     parser.add_argument("--arms", default="baseline,compact", help=f"from {', '.join(ARMS)}")
     parser.add_argument("--metrics", default="val/loss", help="comma-separated metrics of the table")
     parser.add_argument("--curve", default="val/loss", help="metric plotted against the step")
@@ -186,9 +186,13 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
 
-    seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     run_dir = args.out / args.name
+    if args.seeds is None and args.report_only:
+        # Every seed with a result on disk, so that a report never drops runs it did not name.
+        found = {int(p.stem.rsplit("_seed", 1)[1]) for p in run_dir.glob("*_seed*.json")}
+        args.seeds = ",".join(str(s) for s in sorted(found))
+    seeds = [int(s) for s in (args.seeds or "0,1,2").split(",") if s]
     jobs = [(arm, seed, run_dir / f"{arm}_seed{seed}.json") for seed in seeds for arm in arms]
     for arm, seed, path in jobs:
         if path.exists() or args.report_only:

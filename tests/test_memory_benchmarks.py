@@ -26,10 +26,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_gpu_validation_script_cpu_path_runs_without_datasets_or_jsonargparse(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = _run("-c", _WITHOUT_DATA_DEPS, "benchmarks/gpu_validate_estimator.py", "--cpu-smoke", "--out", str(out))
+    # The paper's three variants, then the (tiny) recipe as configured with CompAct switched
+    # off and a smaller micro-batch, as a planner's pick is pasted: lean alone, a fourth case.
+    proc = _run("-c", _WITHOUT_DATA_DEPS, "benchmarks/gpu_validate_estimator.py", "--cpu-smoke", "--variants", "paper",
+                "recipe", "--batch-size", "1", "--compact-enabled", "false", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
-    assert data["passed"] and len(data["cases"]) == 3
+    assert data["passed"] and len(data["cases"]) == 4
+    assert [c["variant"] for c in data["cases"]][-1] == "recipe"
+    assert all(c["shape"]["batch_size"] == 1 and c["shape"]["compact_rank"] is None for c in data["cases"])
     assert all(abs(c["rel_error"]) <= data["info"]["tolerance"] for c in data["cases"])
 
 

@@ -1,6 +1,7 @@
 """benchmarks/quickstart_seeds.py: reading the CSV logger back and the paired summary (no training)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -37,6 +38,21 @@ def test_summary_pairs_seeds_and_gives_a_t_interval(qs):
     lo, hi = m["paired_ratio_ci95"]
     assert (hi - lo) / 2 == pytest.approx(12.7062 * (0.02 / math.sqrt(2)) / math.sqrt(2), rel=1e-4)
     assert "paired ratio" in qs.format_table(qs.summarize(runs, ["val/loss"]))
+
+
+def test_report_only_reads_every_seed_on_disk_unless_seeds_are_named(qs, tmp_path, capsys):
+    # Seeds 3 and 5 only (a fresh-seed folder): the default 0,1,2 would report nothing.
+    run_dir = tmp_path / "fresh"
+    run_dir.mkdir()
+    for arm, seed, value in [("baseline", 3, 2.0), ("compact", 3, 2.1), ("baseline", 5, 1.8), ("compact", 5, 1.8)]:
+        (run_dir / f"{arm}_seed{seed}.json").write_text(json.dumps(
+            {"arm": arm, "seed": seed, "final": {"val/loss": value}, "series": {}}))
+    qs.main(["--report-only", "--name", "fresh", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "fresh.json").read_text())
+    assert summary["seeds"] == [3, 5]
+    assert summary["metrics"]["val/loss"]["paired_ratios"] == pytest.approx([1.05, 1.0])
+    qs.main(["--report-only", "--name", "fresh", "--out", str(tmp_path), "--seeds", "5"])
+    assert json.loads((tmp_path / "fresh.json").read_text())["seeds"] == [5]
 
 
 def test_stall_diagnostic_records_every_step_of_the_shipped_recipe(tmp_path, monkeypatch):
