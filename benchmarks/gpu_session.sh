@@ -45,7 +45,7 @@ memory)
 quality)
     # LLaMA-60M, WordPiece-tokenized KJV, 2 seeds x 2,000 steps, baseline vs CompAct n/4 (paper: +1.0% ppl).
     step gpu_quality 480 python benchmarks/gpu_quality.py train --tokens benchmarks/data/kjv_wordpiece.pt \
-        --out "$OUT/gpu_quality.json" --time-limit 420
+        --out "$OUT/gpu_quality.json" --plot "$OUT/gpu_quality.png" --time-limit 400
     ;;
 speed)
     # Eager and fullgraph-compiled tokens/s, the orthogonal projection's QR included.
