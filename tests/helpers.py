@@ -103,3 +103,15 @@ def run_two_ranks(script: str, out_dir: Path, *args: str, port_base: int, timeou
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2))
     return r0, r1
+
+
+# Runs a script as on the GPU machine, where `datasets` and `jsonargparse` are not
+# installed: `python -c WITHOUT_DATA_DEPS script args...` (`import datasets` raises ImportError).
+WITHOUT_DATA_DEPS = """
+import runpy, sys
+for name in ("datasets", "jsonargparse"):
+    sys.modules[name] = None
+script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""

@@ -12,20 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import WITHOUT_DATA_DEPS
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "benchmarks/gpu_quality.py"
 TINY = '{"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4}'
 
-# As tests/test_memory_benchmarks.py: `import datasets` / `import jsonargparse` raise ImportError.
-_WITHOUT_DATA_DEPS = """
-import runpy, sys
-for name in ("datasets", "jsonargparse"):
-    sys.modules[name] = None
-script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -34,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _train(tokens: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _run("-c", _WITHOUT_DATA_DEPS, SCRIPT, "train", "--tokens", str(tokens), "--out", str(out),
+    return _run("-c", WITHOUT_DATA_DEPS, SCRIPT, "train", "--tokens", str(tokens), "--out", str(out),
                 "--device", "cpu", "--precision", "32", "--batch", "2", "--seq", "32", "--eval-batches", "2",
                 "--config-overrides", TINY, *extra)
 
@@ -105,7 +97,7 @@ def test_time_limit_truncates_the_running_pair_and_skips_later_seeds(tokens, tmp
 
 
 def test_missing_token_file_names_the_prepare_command(tmp_path):
-    proc = _run("-c", _WITHOUT_DATA_DEPS, SCRIPT, "train", "--tokens", str(tmp_path / "none.pt"),
+    proc = _run("-c", WITHOUT_DATA_DEPS, SCRIPT, "train", "--tokens", str(tmp_path / "none.pt"),
                 "--out", str(tmp_path / "q.json"), "--device", "cpu")
     assert proc.returncode != 0
     assert "gpu_quality.py prepare --out" in proc.stderr

@@ -6,17 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import WITHOUT_DATA_DEPS
 
-# Runs a script as on the GPU machine, where `datasets` and `jsonargparse` are not installed.
-_WITHOUT_DATA_DEPS = """
-import runpy, sys
-for name in ("datasets", "jsonargparse"):
-    sys.modules[name] = None  # `import datasets` now raises ImportError
-script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-runpy.run_path(script, run_name="__main__")
-"""
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +20,7 @@ def test_gpu_validation_script_cpu_path_runs_without_datasets_or_jsonargparse(tm
     out = tmp_path / "gpu.json"
     # The paper's three variants, then the (tiny) recipe as configured with CompAct switched
     # off and a smaller micro-batch, as a planner's pick is pasted: lean alone, a fourth case.
-    proc = _run("-c", _WITHOUT_DATA_DEPS, "benchmarks/gpu_validate_estimator.py", "--cpu-smoke", "--variants", "paper",
+    proc = _run("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu_validate_estimator.py", "--cpu-smoke", "--variants", "paper",
                 "recipe", "--batch-size", "1", "--compact-enabled", "false", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
