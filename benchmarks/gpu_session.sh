@@ -40,7 +40,7 @@ memory)
         --batch-size 32 --accumulate 16 --variants lean --out "$OUT/validate_lean.json"
     # The planner's 1B pick at 40 GiB (RESULTS §9): the baseline at 16 x 32 accumulated, estimated 34.26 GiB.
     step validate_plan_1b 110 python benchmarks/gpu_validate_estimator.py --recipes recipes/pretrain/llama_1b_c4.yaml \
-        --batch-size 16 --accumulate 32 --variants recipe --compact-enabled false --out "$OUT/validate_plan_1b.json"
+        --batch-size 16 --accumulate 32 --variants recipe --no-compact --out "$OUT/validate_plan_1b.json"
     ;;
 quality)
     # LLaMA-60M, WordPiece-tokenized KJV, 2 seeds x 2,000 steps, baseline vs CompAct n/4 (paper: +1.0% ppl).

@@ -25,7 +25,7 @@ Needs only torch, PyYAML (a lightning dependency) and this package: no ``dataset
     ... gpu_validate_estimator.py --recipes recipes/pretrain/llama_350m_c4_lean.yaml --batch-size 32 \
         --accumulate 16 --variants lean --out lean.json
     ... gpu_validate_estimator.py --recipes recipes/pretrain/llama_1b_c4.yaml --batch-size 16 --accumulate 32 \
-        --variants recipe --compact-enabled false --out plan_1b.json
+        --variants recipe --no-compact --out plan_1b.json
 
 ``--cpu-smoke`` checks the same code path on the CPU with a tiny model (the
 measurement is then the real-tensor accounting, not CUDA's allocator).
@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 
+from lightning_compact.memory.estimator import LEAN_OPTIONS as LEAN
 from lightning_compact.memory.estimator import Variant, build, estimate, forward_backward, recipe_variant
 from lightning_compact.memory.recipe import RunShape, read_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["recipes/pretrain/llama_60m_c4.yaml", "recipes/pretrain/llama_350m_c4.yaml"]
-LEAN = ("norms", "mlp", "loss")
 VARIANT_SETS: dict[str, list[Variant]] = {
     "paper": [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")],
     "lean": [Variant(lean=LEAN), Variant(0.125, lean=LEAN), Variant(0.125, lean=LEAN, checkpointing="blocks:0.5"),
@@ -145,7 +145,7 @@ def override(shape: RunShape, args: argparse.Namespace) -> RunShape:
     """The recipe with the command line's precision, batch, accumulation and CompAct switch."""
     changes = {"precision": args.precision, "batch_size": args.batch_size, "accumulate_grad_batches": args.accumulate}
     shape = dataclasses.replace(shape, **{k: v for k, v in changes.items() if v is not None})
-    if args.compact_enabled == "false":
+    if args.no_compact:
         shape = dataclasses.replace(shape, compact_rank=None)
     return shape
 
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which sets of configurations to check (recipe: the recipe as configured)")
     parser.add_argument("--batch-size", type=int, help="override every recipe's micro-batch (data.batch_size)")
     parser.add_argument("--accumulate", type=int, help="override trainer.accumulate_grad_batches")
-    parser.add_argument("--compact-enabled", choices=("true", "false"),
-                        help="false: the recipe's CompAct off (as --compact.enabled false does for fit)")
+    parser.add_argument("--no-compact", action="store_true",
+                        help="the recipe's CompAct off (as `fit --compact.enabled false`)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (no GPU needed)")
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ def test_gpu_validation_script_cpu_path_runs_without_datasets_or_jsonargparse(tm
     # The paper's three variants, then the (tiny) recipe as configured with CompAct switched
     # off and a smaller micro-batch, as a planner's pick is pasted: lean alone, a fourth case.
     proc = _run("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu_validate_estimator.py", "--cpu-smoke", "--variants", "paper",
-                "recipe", "--batch-size", "1", "--compact-enabled", "false", "--out", str(out))
+                "recipe", "--batch-size", "1", "--no-compact", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["passed"] and len(data["cases"]) == 4
