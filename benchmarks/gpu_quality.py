@@ -75,6 +75,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_compact.projection import PROJECTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENS = "benchmarks/data/kjv_wordpiece.pt"
 FORMAT_VERSION = 1
@@ -220,17 +222,11 @@ def eval_windows(val: torch.Tensor, seq: int, count: int) -> torch.Tensor:
 
 
 def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
-    """The preset's ``LlamaConfig`` with ``vocab_size`` and ``overrides`` (a JSON object of its fields)."""
-    from lightning_compact.models.llama import LLAMA_PRESETS
+    """The preset's ``LlamaConfig`` with the tokenizer's ``vocab_size`` and ``overrides`` (its fields, from JSON)."""
+    # The estimator's reader of presets: it imports no `datasets`, which the GPU machine lacks.
+    from lightning_compact.memory.recipe import model_config as preset_config
 
-    if preset not in LLAMA_PRESETS:
-        raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(LLAMA_PRESETS)}")
-    base = LLAMA_PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"--config-overrides has unknown LlamaConfig fields {unknown}; known: {', '.join(sorted(fields))}")
-    config = dataclasses.replace(base, **{"vocab_size": vocab_size, **overrides})
+    config = preset_config(preset, {"vocab_size": vocab_size, **overrides})
     if config.vocab_size < vocab_size:
         raise ValueError(f"vocab_size {config.vocab_size} < the tokenizer's {vocab_size}")
     return config
@@ -526,6 +522,13 @@ def _write_json(result: dict[str, Any], out: Path) -> None:
     os.replace(tmp, out)  # a reader (or a kill) never sees half a file
 
 
+def _summarize(result: dict[str, Any], t0: float) -> None:
+    """The paired ratios over the runs so far, and the time since ``t0``, into ``result``."""
+    result["ratio_final_ppl"] = paired_ratios(result["runs"], "final_val_ppl")
+    result["ratio_best_ppl"] = paired_ratios(result["runs"], "best_val_ppl")
+    result["total_seconds"] = time.perf_counter() - t0
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Every seed x arm, in pairs (both arms of seed 0, then seed 1, ...); the result written to ``args.out``."""
     device = torch.device(args.device)
@@ -602,13 +605,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            result["ratio_final_ppl"] = paired_ratios(result["runs"], "final_val_ppl")
-            result["ratio_best_ppl"] = paired_ratios(result["runs"], "best_val_ppl")
-            result["total_seconds"] = time.perf_counter() - t0
+            _summarize(result, t0)
             _write_json(result, out)
-    result["ratio_final_ppl"] = paired_ratios(result["runs"], "final_val_ppl")
-    result["ratio_best_ppl"] = paired_ratios(result["runs"], "best_val_ppl")
-    result["total_seconds"] = time.perf_counter() - t0
+    _summarize(result, t0)
     if args.plot:
         result["plot"] = args.plot if plot(result, args.plot) else None
     _write_json(result, out)
@@ -642,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--update-proj-gap", type=int, default=50,
                    help="T: steps between projection resamples (the paper's 60M: 50; 2,000 steps give 40 windows)")
     t.add_argument("--scale", type=float, default=1.0, help="alpha of CompActAdamW's update (the paper: 0.25 at lr 0.01)")
-    t.add_argument("--projection", default="gaussian", choices=("gaussian", "orthogonal", "rademacher"))
+    t.add_argument("--projection", default="gaussian", choices=PROJECTIONS)
     t.add_argument("--device", default="cuda")
     t.add_argument("--precision", choices=("bf16-mixed", "32"), default=None, help="default: bf16-mixed on CUDA, else 32")
     t.add_argument("--preset", default="llama_60m")

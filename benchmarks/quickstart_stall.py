@@ -1,8 +1,9 @@
 """Where the quickstart's CompAct runs stall: per-step loss, update and activation norms.
 
 Some seeds of the pretraining quickstart (``recipes/quickstart/pretrain_llama_tiny.yaml``)
-stall near the byte-unigram plateau for steps 10-40 with CompAct, while the baseline
-leaves it by step 15 (benchmarks/RESULTS.md section 7). This runs the recipe as shipped
+stall near the byte-unigram plateau with CompAct while the baseline leaves it (steps
+10-40 of the former 200 x 16 recipe, 19-49 of today's 400 x 8; benchmarks/RESULTS.md
+sections 3 and 7). This runs the recipe as shipped
 (``lightning-compact fit`` with its schedule over the recipe's ``max_steps``) and stops it
 after ``--steps`` optimizer steps, recording at every step:
 
