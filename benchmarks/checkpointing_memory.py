@@ -1,8 +1,9 @@
 """Activation memory and step time with activation checkpointing, alone and with lean + CompAct.
 
-Configurations on this project's LLaMA (CompAct r = n/4, compressed gradient mode):
-baseline, full checkpointing of the blocks, CompAct, lean + CompAct, and lean + CompAct
-with selective (matmul outputs kept) or whole-block checkpointing
+Configurations on this project's LLaMA (CompAct r = n/4 unless ``--rank``, compressed
+gradient mode): baseline, full checkpointing of the blocks, CompAct, lean + CompAct, and
+lean + CompAct with selective (matmul outputs kept), whole-block, or fractional
+(``blocks:F``: the first ``ceil(F·N)`` blocks) checkpointing
 (:func:`lightning_compact.checkpointing.apply_checkpointing`).
 
 Memory is counted by :class:`LiveTensorBytes`, a dispatch mode that follows every
@@ -21,6 +22,8 @@ without the dispatch mode.
 
     python benchmarks/checkpointing_memory.py --shapes tiny --repeats 3
     python benchmarks/checkpointing_memory.py --shapes tiny --quick
+    python benchmarks/checkpointing_memory.py --rank 0.125 --configs baseline "checkpoint blocks" \
+        "lean + compact" "lean + compact + blocks:0.5" "lean + compact + blocks"
 """
 
 from __future__ import annotations
@@ -50,14 +53,16 @@ SHAPES = {
     "small": (LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8), 8, 256),
     "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
 }
-RANK = 0.25
 CONFIGS = {  # name: (lean, CompAct, checkpointing granularity)
     "baseline": (False, False, None),
     "checkpoint blocks": (False, False, "blocks"),
     "checkpoint selective": (False, False, "selective"),
-    "compact r=n/4": (False, True, None),
+    "compact": (False, True, None),
     "lean + compact": (True, True, None),
     "lean + compact + selective": (True, True, "selective"),
+    "lean + compact + blocks:0.25": (True, True, "blocks:0.25"),
+    "lean + compact + blocks:0.5": (True, True, "blocks:0.5"),
+    "lean + compact + blocks:0.75": (True, True, "blocks:0.75"),
     "lean + compact + blocks": (True, True, "blocks"),
 }
 MIB = 2**20
@@ -99,10 +104,10 @@ class LiveTensorBytes(torch_dispatch_mode()):
         self.current -= self._live.pop(ptr, 0)
 
 
-def build(base: LlamaForCausalLM, lean: bool, compact: bool, granularity: str | None) -> LlamaForCausalLM:
+def build(base: LlamaForCausalLM, lean: bool, compact: bool, granularity: str | None, rank: float) -> LlamaForCausalLM:
     model = copy.deepcopy(base)
     if compact:
-        convert_to_compact(model, config=CompActConfig(rank=RANK, grad_mode="compressed"))
+        convert_to_compact(model, config=CompActConfig(rank=rank, grad_mode="compressed"))
     if lean:
         apply_lean(model)
     if granularity is not None:
@@ -128,12 +133,12 @@ def step(model: LlamaForCausalLM, tokens: torch.Tensor, optimizer: torch.optim.O
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_shape(shape: str, repeats: int, names: list[str]) -> dict:
+def run_shape(shape: str, repeats: int, names: list[str], rank: float) -> dict:
     config, batch, seq = SHAPES[shape]
     tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    models = {name: build(base, *CONFIGS[name]) for name in names}
+    models = {name: build(base, *CONFIGS[name], rank) for name in names}
     optims = {name: CompActAdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     memory = {name: measure(model, tokens) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -162,13 +167,13 @@ def run_shape(shape: str, repeats: int, names: list[str]) -> dict:
         for name in models
     ]
     print(f"\nLLaMA {shape}: d={config.hidden_size}, layers={config.num_hidden_layers}, ffn={config.intermediate_size}, "
-          f"vocab={config.vocab_size}, batch={batch}, seq={seq}, fp32; ratios against {base_name!r}")
+          f"vocab={config.vocab_size}, batch={batch}, seq={seq}, fp32, CompAct r={rank}; ratios against {base_name!r}")
     print(f"{'config':<28}{'retained':>12}{'ratio':>7}{'peak':>12}{'ratio':>7}{'hooks see':>12}{'step':>10}{'ratio':>7}{'loss':>9}")
     for r in rows:
         print(f"{r['config']:<28}{r['retained_MiB']:>8.1f} MiB{r['retained_ratio']:>7.3f}{r['peak_MiB']:>8.1f} MiB"
               f"{r['peak_ratio']:>7.3f}{r['saved_tensors_hooks_MiB']:>8.1f} MiB{r['step_s']:>8.3f} s{r['step_ratio']:>7.3f}"
               f"{r['first_loss']:>9.4f}")
-    return {"shape": shape, "batch": batch, "seq": seq, "config": config.__dict__, "rank": RANK, "rows": rows}
+    return {"shape": shape, "batch": batch, "seq": seq, "config": config.__dict__, "rank": rank, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -176,13 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["tiny"])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="the first is the reference of the ratios")
+    parser.add_argument("--rank", type=float, default=0.25, help="CompAct's rank as a fraction of each layer's input width")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (after 1 warm-up); 0: memory only")
     parser.add_argument("--quick", action="store_true", help="1 timed step: a smoke run")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, lightning {lightning.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
-    results = [run_shape(s, repeats, args.configs) for s in args.shapes]
+    results = [run_shape(s, repeats, args.configs, args.rank) for s in args.shapes]
     out = {
         "runs": results,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",

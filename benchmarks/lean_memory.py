@@ -98,6 +98,7 @@ def run_shape(shape: str, bf16: bool, repeats: int, breakdown: bool = False) -> 
             "saved_ratio": saved[name] / base_bytes,
             "step_s": statistics.median(times[name]),
             "step_ratio": statistics.median(times[name]) / base_time,
+            "step_times_s": times[name],
             "first_loss": losses[name],
         }
         for name in models

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import PlainLM, token_loader  # noqa: E402
+from helpers import PlainLM, make_trainer, token_loader  # noqa: E402
 
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
@@ -66,18 +66,8 @@ def main(out_dir: Path, optimizer: str) -> None:
         return allreduce_hook(state, bucket)
 
     recorder = DDPIgnoreRecorder(counting_hook)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy="ddp",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, recorder],
-        use_distributed_sampler=False,
-        **SETTINGS,
-    )
+    trainer = make_trainer(out_dir, [cb, recorder], devices=WORLD, strategy="ddp", use_distributed_sampler=False,
+                           **SETTINGS)
     trainer.fit(module, rank_loader(rank))
     torch.save(
         {

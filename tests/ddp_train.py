@@ -3,11 +3,10 @@
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import PlainLM, token_loader  # noqa: E402
+from helpers import PlainLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor  # noqa: E402
 
@@ -17,17 +16,8 @@ def main(out_dir: Path) -> None:
     module = PlainLM()
     init = {k: v.clone() for k, v in module.state_dict().items()}
     monitor = PeakMemoryMonitor()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb := CompActCallback(rank=4, update_proj_gap=2), monitor],
-    )
+    trainer = make_trainer(out_dir, [cb := CompActCallback(rank=4, update_proj_gap=2), monitor], devices=2,
+                           strategy="ddp")
     trainer.fit(module, token_loader(n_samples=32, batch_size=4))
     converted = len(cb.layers)  # the module itself is restored to nn.Linear after fit
     torch.save(

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import PlainLM, token_loader  # noqa: E402
+from helpers import PlainLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_compact import CompActCallback  # noqa: E402
 
@@ -87,22 +87,10 @@ def full_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
 
 
 def trainer_for(out_dir: Path, callbacks, max_epochs: int, distributed_ckpt: bool = True, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=out_dir,
-        accelerator="cpu",
-        devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=distributed_ckpt),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        **SETTINGS,
-        **kwargs,
-    )
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=distributed_ckpt)
+    return make_trainer(out_dir, callbacks, devices=WORLD, strategy=strategy, use_distributed_sampler=False,
+                        max_epochs=max_epochs, max_steps=-1, **{"enable_checkpointing": True, **SETTINGS, **kwargs})
 
 
 def fresh_module() -> ShardedLM:
