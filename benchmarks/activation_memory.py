@@ -1,7 +1,8 @@
 """Saved-activation bytes and step time: baseline vs CompAct (r = n/4, n/8; per layer or shared), side by side.
 
 One process, one model shape, the same batch for every configuration; step times are
-medians over interleaved repetitions, so the ratios compare like with like.
+medians over interleaved repetitions, so the ratios compare like with like ("paired":
+the median of each round's ratio; ``timing.py``).
 
     python benchmarks/activation_memory.py                  # small LLaMA, ~1 minute on 2 cores
     python benchmarks/activation_memory.py --preset paper-cpu   # d=512, 8 layers, vocab 32000, b=8, l=256
@@ -15,17 +16,16 @@ q/k/v and one for gate/up. Saved activations are the unique storages kept for th
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 
 from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
+from timing import interleaved_times, median, paired_ratio
 
 SHAPES = {
     "small": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
@@ -75,20 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
             step(model, tokens, optims[name])
         saved[name] = tracker.result()
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
-        step(model, tokens, optims[name])
-    for _ in range(repeats):  # interleaved so drift hits every configuration alike
-        for name, model in models.items():
-            start = time.perf_counter()
-            step(model, tokens, optims[name])
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times({name: partial(step, model, tokens, optims[name]) for name, model in models.items()}, repeats)
 
     base_bytes = saved["baseline"].bytes
-    base_time = statistics.median(times["baseline"])
+    base_time = median(times["baseline"])
     rows = []
     for name in models:
-        t = statistics.median(times[name])
+        t = median(times[name])
         rows.append(
             {
                 "config": name,
@@ -96,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "saved_ratio": saved[name].bytes / base_bytes,
                 "step_s": t,
                 "step_ratio": t / base_time,
+                "step_ratio_paired": paired_ratio(times[name], times["baseline"]),
+                "step_times_s": times[name],
             }
         )
     linear_inputs = saved["compact r=n/4"].replaced_input_bytes
@@ -104,20 +99,17 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": {"batch": batch, "seq": seq, **config.__dict__},
         "rows": rows,
         "linear_input_share_of_baseline": linear_inputs / base_bytes,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "repeats": repeats,
+        "provenance": provenance("cpu", argv),
     }
 
     print(f"LLaMA {args.preset}: d={config.hidden_size}, layers={config.num_hidden_layers}, ffn={config.intermediate_size}, "
           f"vocab={config.vocab_size}, batch={batch}, seq={seq}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'config':<16}{'saved for backward':>20}{'ratio':>8}{'step (median)':>16}{'ratio':>8}")
+    print(f"{'config':<16}{'saved for backward':>20}{'ratio':>8}{'step (median)':>16}{'ratio':>8}{'paired':>8}")
     for r in rows:
-        print(f"{r['config']:<16}{r['saved_activations_MiB']:>16.1f} MiB{r['saved_ratio']:>8.3f}{r['step_s']:>14.3f} s{r['step_ratio']:>8.3f}")
+        print(f"{r['config']:<16}{r['saved_activations_MiB']:>16.1f} MiB{r['saved_ratio']:>8.3f}{r['step_s']:>14.3f} s{r['step_ratio']:>8.3f}{r['step_ratio_paired']:>8.3f}")
     print(f"compressed linear inputs (unique storages) are {100 * result['linear_input_share_of_baseline']:.1f}% of the baseline's saved activations")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

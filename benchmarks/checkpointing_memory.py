@@ -17,8 +17,8 @@ selective checkpointing keeps, which lives in its own cache, so two figures are 
   the activations and the parameters' ``.grad`` included; parameters and optimizer
   state excluded).
 
-Step times (forward, backward, ``CompActAdamW``: plain AdamW for plain weights) are medians over interleaved repetitions, run
-without the dispatch mode.
+Step times (forward, backward, ``CompActAdamW``: plain AdamW for plain weights) are medians over interleaved
+repetitions, run without the dispatch mode ("paired": the median of each round's ratio; ``timing.py``).
 
     python benchmarks/checkpointing_memory.py --shapes tiny --repeats 3
     python benchmarks/checkpointing_memory.py --shapes tiny --quick
@@ -30,15 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import time
 import weakref
 from collections.abc import Iterable
+from functools import partial
 
-import lightning
 import torch
 
 from lightning_compact import CompActAdamW, CompActConfig, convert_to_compact
@@ -47,6 +43,8 @@ from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
+from timing import interleaved_times, median, paired_ratio
 
 SHAPES = {
     "tiny": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
@@ -141,16 +139,9 @@ def run_shape(shape: str, repeats: int, names: list[str], rank: float) -> dict:
     models = {name: build(base, *CONFIGS[name], rank) for name in names}
     optims = {name: CompActAdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     memory = {name: measure(model, tokens) for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in (models.items() if repeats else ()):  # warm-up
-        step(model, tokens, optims[name])
-    for _ in range(repeats):  # interleaved so drift hits every configuration alike
-        for name, model in models.items():
-            start = time.perf_counter()
-            step(model, tokens, optims[name])
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times({name: partial(step, model, tokens, optims[name]) for name, model in models.items()}, repeats)
     base_name = names[0]
-    median = {name: statistics.median(t) if t else float("nan") for name, t in times.items()}
+    medians = {name: median(t) for name, t in times.items()}
     rows = [
         {
             "config": name,
@@ -159,8 +150,9 @@ def run_shape(shape: str, repeats: int, names: list[str], rank: float) -> dict:
             "peak_MiB": memory[name]["peak"] / MIB,
             "peak_ratio": memory[name]["peak"] / memory[base_name]["peak"],
             "saved_tensors_hooks_MiB": memory[name]["hooks"] / MIB,
-            "step_s": median[name],
-            "step_ratio": median[name] / median[base_name],
+            "step_s": medians[name],
+            "step_ratio": medians[name] / medians[base_name],
+            "step_ratio_paired": paired_ratio(times[name], times[base_name]),
             "step_times_s": times[name],
             "first_loss": memory[name]["loss"],
         }
@@ -168,11 +160,11 @@ def run_shape(shape: str, repeats: int, names: list[str], rank: float) -> dict:
     ]
     print(f"\nLLaMA {shape}: d={config.hidden_size}, layers={config.num_hidden_layers}, ffn={config.intermediate_size}, "
           f"vocab={config.vocab_size}, batch={batch}, seq={seq}, fp32, CompAct r={rank}; ratios against {base_name!r}")
-    print(f"{'config':<28}{'retained':>12}{'ratio':>7}{'peak':>12}{'ratio':>7}{'hooks see':>12}{'step':>10}{'ratio':>7}{'loss':>9}")
+    print(f"{'config':<28}{'retained':>12}{'ratio':>7}{'peak':>12}{'ratio':>7}{'hooks see':>12}{'step':>10}{'ratio':>7}{'paired':>7}{'loss':>9}")
     for r in rows:
         print(f"{r['config']:<28}{r['retained_MiB']:>8.1f} MiB{r['retained_ratio']:>7.3f}{r['peak_MiB']:>8.1f} MiB"
               f"{r['peak_ratio']:>7.3f}{r['saved_tensors_hooks_MiB']:>8.1f} MiB{r['step_s']:>8.3f} s{r['step_ratio']:>7.3f}"
-              f"{r['first_loss']:>9.4f}")
+              f"{r['step_ratio_paired']:>7.3f}{r['first_loss']:>9.4f}")
     return {"shape": shape, "batch": batch, "seq": seq, "config": config.__dict__, "rank": rank, "rows": rows}
 
 
@@ -187,17 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, lightning {lightning.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
+    info = provenance("cpu", argv)
+    print(f"torch {info['torch']}, lightning {info['lightning']}, {info['device']}")
     results = [run_shape(s, repeats, args.configs, args.rank) for s in args.shapes]
-    out = {
-        "runs": results,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__},
-        "repeats": repeats,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+    out = {"runs": results, "repeats": repeats, "provenance": info}
+    write_json(args.out, out)
     return out
 
 

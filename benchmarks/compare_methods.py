@@ -41,8 +41,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import gc
-import json
-import platform
 import sys
 import time
 import traceback
@@ -56,6 +54,7 @@ from lightning_compact.lean import cross_entropy
 from lightning_compact.memory import StepMemoryTracker
 from lightning_compact.memory.estimator import LEAN_OPTIONS, Variant, build, forward_backward
 from lightning_compact.memory.recipe import RunShape, read_recipe
+from provenance import provenance, write_json
 
 MIB = 2**20
 # A small LLaMA for CPU runs: the paper's architecture at a width two CPU cores can train.
@@ -295,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = dataclasses.replace(shape, **changes)
 
     info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "provenance": provenance(args.device, argv),
         "shape": dataclasses.asdict(shape),
         "steps": args.steps,
     }
@@ -335,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[label] = {"error": repr(err)}
     print()
     print(table(rows))
-    args.out.write_text(json.dumps({"info": info, "methods": rows}, indent=2))
+    write_json(args.out, {"info": info, "methods": rows})
     print(f"\nwrote {args.out}")
     return 0 if all("error" not in r for r in rows.values()) else 1
 

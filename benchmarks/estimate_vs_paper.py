@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from lightning_compact.memory.estimator import Variant, estimate
 from lightning_compact.memory.recipe import RunShape
+from provenance import provenance, write_json
 
 GB = 10**9
 # Table 2 of the paper, peak memory in GB (None: did not fit in 81 GB).
@@ -156,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("'drop' = saving against the first row the paper reports for that size (350M: baseline; 1B: n/2)\n")
     print(table(rows))
-    info = {"torch": torch.__version__, "python": platform.python_version(), "seconds": time.perf_counter() - start}
+    info = {"provenance": provenance("cpu", argv), "seconds": time.perf_counter() - start}
     print(f"\n{info}")
     if args.out:
-        args.out.write_text(json.dumps({"info": info, "beyond": args.beyond, "rows": rows}, indent=2))
+        write_json(args.out, {"info": info, "beyond": args.beyond, "rows": rows})
         print(f"wrote {args.out}")
     return 0
 

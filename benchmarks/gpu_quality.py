@@ -62,10 +62,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -76,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_compact.projection import PROJECTIONS
+from provenance import provenance, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENS = "benchmarks/data/kjv_wordpiece.pt"
@@ -434,26 +433,6 @@ def paired_ratios(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
-def _versions(device: torch.device) -> dict[str, Any]:
-    import lightning_compact
-
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "lightning_compact": lightning_compact.__version__,
-        "git_commit": commit or None,
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else platform.processor() or platform.machine()),
-        "hostname_platform": platform.platform(),
-    }
-
-
 def markdown_table(result: dict[str, Any]) -> str:
     rows = ["| seed | arm | status | steps | final val loss | final ppl | best ppl (step) | tokens/s | peak MiB | wall s |",
             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -515,13 +494,6 @@ def plot(result: dict[str, Any], path: str) -> bool:
     return True
 
 
-def _write_json(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=True))
-    os.replace(tmp, out)  # a reader (or a kill) never sees half a file
-
-
 def _summarize(result: dict[str, Any], t0: float) -> None:
     """The paired ratios over the runs so far, and the time since ``t0``, into ``result``."""
     result["ratio_final_ppl"] = paired_ratios(result["runs"], "final_val_ppl")
@@ -552,8 +524,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     result: dict[str, Any] = {
         "benchmark": "gpu_quality: LLaMA on KJV WordPiece, baseline AdamW vs CompAct compressed (CompActAdamW)",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "versions": _versions(device),
+        "provenance": provenance(device),
         "data": {**meta, "eval_windows": val_windows.size(0), "eval_tokens": val_windows.size(0) * args.seq},
         "config": {
             "preset": args.preset, "model": dataclasses.asdict(config), "arms": arms, "seeds": args.seed_list,
@@ -606,11 +577,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             _summarize(result, t0)
-            _write_json(result, out)
+            write_json(out, result)
     _summarize(result, t0)
     if args.plot:
         result["plot"] = args.plot if plot(result, args.plot) else None
-    _write_json(result, out)
+    write_json(out, result)
     print(markdown_table(result), flush=True)
     print(f"wrote {out} ({result['total_seconds']:.0f}s)", flush=True)
     return result

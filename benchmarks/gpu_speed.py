@@ -24,8 +24,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import platform
-import sys
 import time
 import traceback
 
@@ -34,6 +32,7 @@ import torch
 from lightning_compact import CompAct
 from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
 
 PRESETS = {
     **LLAMA_PRESETS,
@@ -162,15 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         preset=args.preset,
         batch=[args.batch, args.seq],
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__,
-        python=platform.python_version(),
-        argv=sys.argv[1:] if argv is None else argv,
         rows=rows,
+        provenance=provenance(device, argv),
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor, compact_linear, make_projection
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaForCausalLM
+from provenance import provenance, write_json
 
 MIB = 2**20
 
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
 
     result = {
-        "device": torch.cuda.get_device_name(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__},
+        "provenance": provenance("cuda", argv),
         "setting": vars(args),
         "kernels": check_kernels(),
         "runs": {},
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, result["runs"][name], flush=True)
 
     base = result["runs"]["baseline"]
-    print(f"\n{args.preset}, batch {args.batch} x seq {args.seq}, {args.precision}, {result['device']}")
+    print(f"\n{args.preset}, batch {args.batch} x seq {args.seq}, {args.precision}, {result['provenance']['device']}")
     print(f"{'config':<15}{'cuda peak':>12}{'ratio':>7}{'saved act.':>12}{'ratio':>7}{'tokens/s':>11}{'ratio':>7}")
     for name, row in result["runs"].items():
         print(
@@ -138,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['memory/saved_activations_MiB'] / base['memory/saved_activations_MiB']:>7.3f}"
             f"{row['tokens_per_s']:>11.0f}{row['tokens_per_s'] / base['tokens_per_s']:>7.3f}"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
-import platform
 import sys
 import time
 import traceback
@@ -48,6 +46,7 @@ import torch
 from lightning_compact.memory.estimator import LEAN_OPTIONS as LEAN
 from lightning_compact.memory.estimator import Variant, build, estimate, forward_backward, recipe_variant
 from lightning_compact.memory.recipe import RunShape, read_recipe
+from provenance import provenance, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["recipes/pretrain/llama_60m_c4.yaml", "recipes/pretrain/llama_350m_c4.yaml"]
@@ -175,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     on_cuda = torch.cuda.is_available() and not args.cpu_smoke
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
-        "tolerance": TOLERANCE,
-    }
+    info = {"provenance": provenance("cuda" if on_cuda else "cpu", argv), "tolerance": TOLERANCE}
     if on_cuda:
         info["cuda_workspace_bytes"] = warm_up_cuda()
     log(f"gpu_validate_estimator: {info}")
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {label}: ERROR {err!r}")
             cases.append(row)
     passed = all(c.get("ok", False) for c in cases) and bool(cases)
-    args.out.write_text(json.dumps({"info": info, "cases": cases, "passed": passed}, indent=2))
+    write_json(args.out, {"info": info, "cases": cases, "passed": passed})
     log(f"wrote {args.out}: {'PASS' if passed else 'FAIL'}")
     return 0 if passed else 1
 

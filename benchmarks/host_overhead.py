@@ -17,16 +17,14 @@ included, the same way for every configuration).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
 from lightning_compact import CompAct
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
 
 SHAPES = {
     # 24 blocks of width 64, batch 1 x 8.
@@ -119,17 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         shape=args.shape,
         batch=[batch, seq],
-        threads=torch.get_num_threads(),
         repeats=args.repeats,
-        torch=torch.__version__,
-        python=platform.python_version(),
-        machine=platform.machine(),
-        argv=sys.argv[1:] if argv is None else argv,
         rows=rows,
+        provenance=provenance("cpu", argv),
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

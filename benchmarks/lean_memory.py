@@ -3,7 +3,8 @@
 Lean = :func:`lightning_compact.lean.apply_lean` (RMSNorm and SwiGLU saving only their
 inputs, chunked lm_head + cross-entropy). One process; per shape the same batch for
 every configuration; step times are medians over interleaved repetitions (forward,
-backward, AdamW step), so ratios compare like with like.
+backward, AdamW step), so ratios compare like with like ("paired": the median of each
+round's ratio; ``timing.py``).
 
     python benchmarks/lean_memory.py                        # tiny and paper-cpu, fp32 and bf16 autocast
     python benchmarks/lean_memory.py --shapes tiny --quick  # a smoke run
@@ -19,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import time
 from contextlib import nullcontext
+from functools import partial
 
-import lightning
 import torch
 
 from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
+from timing import interleaved_times, median, paired_ratio
 
 SHAPES = {
     "tiny": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
@@ -82,22 +81,17 @@ def run_shape(shape: str, bf16: bool, repeats: int, breakdown: bool = False) -> 
         loss.backward()
         model.zero_grad(set_to_none=True)
         saved[name], losses[name] = tracker.result().bytes, float(loss.detach())
-    times: dict[str, list[float]] = {name: [float("nan")] if not repeats else [] for name in models}
-    for name, model in (models.items() if repeats else ()):  # warm-up
-        step(model, tokens, optims[name], bf16)
-    for _ in range(repeats):  # interleaved so drift hits every configuration alike
-        for name, model in models.items():
-            start = time.perf_counter()
-            step(model, tokens, optims[name], bf16)
-            times[name].append(time.perf_counter() - start)
-    base_bytes, base_time = saved["baseline"], statistics.median(times["baseline"])
+    times = interleaved_times({name: partial(step, model, tokens, optims[name], bf16) for name, model in models.items()},
+                              repeats)
+    base_bytes, base_time = saved["baseline"], median(times["baseline"])
     rows = [
         {
             "config": name,
             "saved_activations_MiB": saved[name] / MIB,
             "saved_ratio": saved[name] / base_bytes,
-            "step_s": statistics.median(times[name]),
-            "step_ratio": statistics.median(times[name]) / base_time,
+            "step_s": median(times[name]),
+            "step_ratio": median(times[name]) / base_time,
+            "step_ratio_paired": paired_ratio(times[name], times["baseline"]),
             "step_times_s": times[name],
             "first_loss": losses[name],
         }
@@ -106,10 +100,10 @@ def run_shape(shape: str, bf16: bool, repeats: int, breakdown: bool = False) -> 
     precision = "bf16 autocast" if bf16 else "fp32"
     print(f"\nLLaMA {shape}: d={config.hidden_size}, layers={config.num_hidden_layers}, ffn={config.intermediate_size}, "
           f"vocab={config.vocab_size}, batch={batch}, seq={seq}, {precision}")
-    print(f"{'config':<22}{'saved for backward':>20}{'ratio':>8}{'step (median)':>16}{'ratio':>8}{'loss':>9}")
+    print(f"{'config':<22}{'saved for backward':>20}{'ratio':>8}{'step (median)':>16}{'ratio':>8}{'paired':>8}{'loss':>9}")
     for r in rows:
         print(f"{r['config']:<22}{r['saved_activations_MiB']:>16.1f} MiB{r['saved_ratio']:>8.3f}"
-              f"{r['step_s']:>14.3f} s{r['step_ratio']:>8.3f}{r['first_loss']:>9.4f}")
+              f"{r['step_s']:>14.3f} s{r['step_ratio']:>8.3f}{r['step_ratio_paired']:>8.3f}{r['first_loss']:>9.4f}")
     return {"shape": shape, "precision": precision, "batch": batch, "seq": seq, "config": config.__dict__, "rows": rows}
 
 
@@ -123,17 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, lightning {lightning.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
+    info = provenance("cpu", argv)
+    print(f"torch {info['torch']}, lightning {info['lightning']}, {info['device']}")
     results = [run_shape(s, p == "bf16", repeats, args.breakdown) for s in args.shapes for p in args.precisions]
-    out = {
-        "runs": results,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__},
-        "repeats": repeats,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+    out = {"runs": results, "repeats": repeats, "provenance": info}
+    write_json(args.out, out)
     return out
 
 

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -296,8 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [json.loads(Path(j[3]).read_text()) for j in jobs if Path(j[3]).exists()]
     rows = summarize(results, names)
 
-    import lightning
-    import torch
+    from provenance import provenance, write_json  # imports torch: here, after the workers
 
     s = settings
     title = (
@@ -307,13 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.name or f"quality_{args.preset}"
     summary = {
         "title": title, "settings": dataclasses.asdict(s), "seeds": seeds, "rows": rows,
-        "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "python": sys.version.split()[0]},
-        "machine": f"{os.cpu_count()} CPU cores", "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d"),
+        "provenance": provenance("cpu", argv),
         "runs": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    write_json(args.out / f"{stem}.json", summary)
     plot(results, names, args.out / f"{stem}.png", title)
     print(title)
     print(format_table(rows))

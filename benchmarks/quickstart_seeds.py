@@ -64,10 +64,8 @@ def worker(args: argparse.Namespace) -> None:
     """One run in this process: fit (and test), then write its JSON."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import lightning
-    import torch
-
     from lightning_compact.cli import run_cli
+    from provenance import provenance, write_json
 
     argv = cli_args(args.recipe, args.arm, args.seed, args.save_dir, args.name, args.extra)
     start = time.perf_counter()
@@ -82,11 +80,9 @@ def worker(args: argparse.Namespace) -> None:
         "arm": args.arm, "seed": args.seed, "recipe": args.recipe, "command": "lightning-compact " + " ".join(argv),
         "fit_seconds": seconds, "log_dir": str(log_dir), "series": series,
         "final": {key: values[-1][1] for key, values in series.items()},
-        "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "python": sys.version.split()[0]},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+        "provenance": provenance("cpu"), "load_average": os.getloadavg(),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=1))
+    write_json(args.result, result)
 
 
 def summarize(results: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:

@@ -108,10 +108,11 @@ def run_two_ranks(script: str, out_dir: Path, *args: str, port_base: int, timeou
 # Runs a script as on the GPU machine, where `datasets` and `jsonargparse` are not
 # installed: `python -c WITHOUT_DATA_DEPS script args...` (`import datasets` raises ImportError).
 WITHOUT_DATA_DEPS = """
-import runpy, sys
+import os, runpy, sys
 for name in ("datasets", "jsonargparse"):
     sys.modules[name] = None
 script, *args = sys.argv[1:]
 sys.argv = [script, *args]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` has: its sibling modules
 runpy.run_path(script, run_name="__main__")
 """

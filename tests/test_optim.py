@@ -1,7 +1,6 @@
 """CompActAdamW against float64 references of its formula, torch's AdamW, and itself after a reload."""
 
 import copy
-import math
 
 import pytest
 import torch

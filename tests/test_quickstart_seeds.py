@@ -1,6 +1,6 @@
 """benchmarks/quickstart_seeds.py: reading the CSV logger back and the paired summary (no training)."""
 
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -12,10 +12,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quickstart_see
 
 @pytest.fixture(scope="module")
 def qs():
-    spec = importlib.util.spec_from_file_location("quickstart_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("quickstart_seeds")  # benchmarks/ is on sys.path (conftest.py)
 
 
 def test_metrics_csv_is_read_back_per_metric_skipping_empty_cells(qs, tmp_path):
@@ -58,9 +55,7 @@ def test_report_only_reads_every_seed_on_disk_unless_seeds_are_named(qs, tmp_pat
 def test_stall_diagnostic_records_every_step_of_the_shipped_recipe(tmp_path, monkeypatch):
     # benchmarks/quickstart_stall.py on the quickstart recipe, 2 steps of 2 x 32 bytes.
     root = SCRIPT.parent.parent
-    spec = importlib.util.spec_from_file_location("quickstart_stall", root / "benchmarks" / "quickstart_stall.py")
-    stall = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stall)
+    stall = importlib.import_module("quickstart_stall")
     monkeypatch.chdir(tmp_path)
     out = stall.main(["--recipe", str(root / "recipes" / "quickstart" / "pretrain_llama_tiny.yaml"), "--seed", "1",
                       "--steps", "2", "--out", str(tmp_path / "stall.json"), "--",

@@ -1,12 +1,10 @@
 """The speed benchmarks run end to end (CPU, tiny shapes: the script, not the figures, is checked)."""
 
-import sys
-from pathlib import Path
+import math
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-import gpu_speed  # noqa: E402
-import host_overhead  # noqa: E402
+import gpu_speed  # benchmarks/ is on sys.path (conftest.py)
+import host_overhead
+import torch
 
 
 def test_host_overhead_reports_every_configuration_against_the_baseline(tmp_path):
@@ -27,3 +25,34 @@ def test_gpu_speed_script_runs_every_configuration_on_cpu():
                              "--warmup", "1", "--no-compile"])
     assert [r["configuration"] for r in result["rows"]] == list(gpu_speed.CONFIGS)
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in result["rows"])
+
+
+def test_interleaved_times_warm_up_once_then_run_round_by_round_and_pair_ratios_per_round():
+    import timing
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = timing.interleaved_times(steps, repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert timing.interleaved_times(steps, repeats=0) == {"a": [], "b": []} and len(calls) == 8
+    # a takes twice b's time; round 2 is slow for both, and b has a hiccup in round 3. The
+    # paired ratio (median of 2, 2, 0.44) stays 2; the ratio of medians (2.2 / 5) does not.
+    a, b = [2.0, 20.0, 2.2], [1.0, 10.0, 5.0]
+    assert timing.paired_ratio(a, b) == 2.0
+    assert timing.median(a) / timing.median(b) == 2.2 / 5.0
+    assert math.isnan(timing.paired_ratio([], []))
+
+
+def test_provenance_names_the_device_and_arguments_and_json_is_written_whole(tmp_path):
+    import json
+
+    from provenance import provenance, write_json
+
+    info = provenance("cpu", ["--steps", "3"])
+    assert info["device"] == f"cpu ({torch.get_num_threads()} threads)" and info["argv"] == ["--steps", "3"]
+    assert info["torch"] == torch.__version__ and info["lightning_compact"]
+    write_json(None, info)  # no path: nothing written, no error
+    write_json(tmp_path / "sub" / "r.json", {"provenance": info})
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"provenance": info}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # the temporary file is gone
