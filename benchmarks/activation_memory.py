@@ -25,11 +25,12 @@ from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 from provenance import provenance, write_json
+from shapes import CPU_SHAPES
 from timing import interleaved_times, median, paired_ratio
 
 SHAPES = {
-    "small": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
-    "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
+    "small": CPU_SHAPES["tiny"],  # named before the shapes were shared
+    "paper-cpu": CPU_SHAPES["paper-cpu"],
 }
 MIB = 2**20
 

@@ -42,15 +42,12 @@ from lightning_compact._torch_private import torch_dispatch_mode, tree_leaves
 from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
-from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from lightning_compact.models.llama import LlamaForCausalLM
 from provenance import provenance, write_json
+from shapes import CPU_SHAPES
 from timing import interleaved_times, median, paired_ratio
 
-SHAPES = {
-    "tiny": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
-    "small": (LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8), 8, 256),
-    "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
-}
+SHAPES = CPU_SHAPES
 CONFIGS = {  # name: (lean, CompAct, checkpointing granularity)
     "baseline": (False, False, None),
     "checkpoint blocks": (False, False, "blocks"),

@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from lightning_compact.memory.estimator import Variant, estimate
 from lightning_compact.memory.recipe import RunShape
 from provenance import provenance, write_json

@@ -25,11 +25,12 @@ import torch
 from lightning_compact import CompAct
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 from provenance import provenance, write_json
+from shapes import CPU_SHAPES
 
 SHAPES = {
     # 24 blocks of width 64, batch 1 x 8.
     "tiny": (LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=24, num_attention_heads=4), 1, 8),
-    "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
+    "paper-cpu": CPU_SHAPES["paper-cpu"],
 }
 
 # name -> (rank, grad_mode, cache_projections)

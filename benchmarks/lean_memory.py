@@ -29,14 +29,12 @@ import torch
 from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
-from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from lightning_compact.models.llama import LlamaForCausalLM
 from provenance import provenance, write_json
+from shapes import CPU_SHAPES
 from timing import interleaved_times, median, paired_ratio
 
-SHAPES = {
-    "tiny": (LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4), 8, 128),
-    "paper-cpu": (LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8), 8, 256),
-}
+SHAPES = {name: CPU_SHAPES[name] for name in ("tiny", "paper-cpu")}
 ALL = {"norms": True, "mlp": True, "loss": True}
 CONFIGS = {  # name: (apply_lean options or None, CompAct rank)
     "baseline": (None, None),
