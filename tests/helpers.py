@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
+REPO = Path(__file__).resolve().parent.parent
+
 TINY_LLAMA = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
 )
@@ -105,8 +107,14 @@ def run_two_ranks(script: str, out_dir: Path, *args: str, port_base: int, timeou
     return r0, r1
 
 
+def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a subprocess from the repository root, the package on ``PYTHONPATH``; ``env``: more variables."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 # Runs a script as on the GPU machine, where `datasets` and `jsonargparse` are not
-# installed: `python -c WITHOUT_DATA_DEPS script args...` (`import datasets` raises ImportError).
+# installed: `run_python("-c", WITHOUT_DATA_DEPS, script, args...)` (`import datasets` raises ImportError).
 WITHOUT_DATA_DEPS = """
 import os, runpy, sys
 for name in ("datasets", "jsonargparse"):

@@ -6,23 +6,18 @@ The training runs as on the GPU machine: in a subprocess where ``datasets`` and
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import WITHOUT_DATA_DEPS
+from helpers import WITHOUT_DATA_DEPS, run_python
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "benchmarks/gpu_quality.py"
 TINY = '{"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4}'
 
 
-
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(*args, timeout=300, OMP_NUM_THREADS="1")
 
 
 def _train(tokens: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
