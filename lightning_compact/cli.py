@@ -159,7 +159,7 @@ def main(args: Sequence[str] | None = None) -> int:
     """The console script: ``estimate`` or a Trainer subcommand. Returns the exit status."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["estimate"]:
-        from lightning_compact.memory.estimator import main as estimate_main
+        from lightning_compact.memory.planner import main as estimate_main  # the estimator, or with --budget the plan
 
         return estimate_main(argv[1:])
     try:

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory
-from lightning_compact.memory.estimator import LEAN_OPTIONS, Estimate, Variant, estimate, main
-from lightning_compact.memory.planner import CostModel, PlanError, parse_size, plan
+from lightning_compact.memory.estimator import LEAN_OPTIONS, Estimate, Variant, estimate
+from lightning_compact.memory.planner import CostModel, PlanError, main, parse_size, plan
 from lightning_compact.memory.recipe import RunShape
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=1, num_attention_heads=2)

@@ -43,7 +43,7 @@ Command line (wired as ``lightning-compact estimate``)::
 
     lightning-compact estimate --config recipes/pretrain/llama_350m_c4.yaml
     lightning-compact estimate --model llama_7b --data.batch_size 4 --data.seq_len 2048 --trainer.precision bf16-true
-    lightning-compact estimate --config recipes/pretrain/llama_1b_c4.yaml --budget 40GiB   # the planner (.planner)
+    lightning-compact estimate --config recipes/pretrain/llama_1b_c4.yaml --budget 40GiB   # the planner (.planner.main)
 """
 
 from __future__ import annotations
@@ -567,8 +567,8 @@ def shape_from_args(args: argparse.Namespace) -> RunShape:
     return shape
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``lightning-compact estimate``: print the table, write the chart (and JSON). Returns the exit code."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace, RunShape]:
+    """``lightning-compact estimate``'s arguments (deprecated spellings upgraded) and the run's :class:`RunShape`."""
     parser = build_parser()
     argv = upgrade_flags(sys.argv[1:] if argv is None else argv, lambda msg: print(f"{parser.prog}: {msg}", file=sys.stderr))
     args = parser.parse_args(argv)
@@ -576,14 +576,22 @@ def main(argv: list[str] | None = None) -> int:
         shape = shape_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    return parser, args, shape
+
+
+def ranks_and_modes(args: argparse.Namespace, shape: RunShape) -> tuple[list[int | float], list[str]]:
+    """The ranks (default: :data:`DEFAULT_RANKS` and the recipe's) and gradient modes the command compares."""
     ranks = args.rank
     if ranks is None:
         ranks = list(DEFAULT_RANKS)
         if shape.compact_rank is not None and shape.compact_rank not in ranks:
             ranks.append(shape.compact_rank)
-    modes = list(dict.fromkeys(args.modes))
-    if args.budget is not None:
-        return _plan_main(parser, args, shape, ranks, modes)
+    return ranks, list(dict.fromkeys(args.modes))
+
+
+def run_estimate(args: argparse.Namespace, shape: RunShape) -> int:
+    """Estimate every variant the arguments name; print the table, write the chart (and JSON)."""
+    ranks, modes = ranks_and_modes(args, shape)
     chosen = variants(ranks, modes)
     if args.config is not None:
         chosen.append(recipe_variant(shape))  # the recipe as configured: CompAct, lean options, checkpointing
@@ -604,27 +612,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plan_main(parser: argparse.ArgumentParser, args: argparse.Namespace, shape: RunShape, ranks: list[int | float], modes: list[str]) -> int:
-    """``estimate --budget``: run the planner, print its table and pick (exit status 1 when nothing fits)."""
-    from lightning_compact.memory import planner
-
-    try:
-        budget = planner.parse_size(args.budget)
-        granularities = None if args.plan_checkpointing is None else [None if g == "none" else g for g in args.plan_checkpointing]
-        lean = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_lean]
-        print(f"Planning {describe(shape)} within {args.budget} ...", file=sys.stderr, flush=True)
-        result = planner.plan(shape, budget, ranks=ranks, modes=modes, lean=lean, checkpointing=granularities,
-                              micro_batches=args.plan_micro_batches, headroom=args.plan_headroom, progress=True)
-    except planner.PlanError as err:
-        print(f"{parser.prog}: {err}", file=sys.stderr)
-        return 1
-    except ValueError as err:
-        parser.error(str(err))
-    print(planner.plan_report(result, args.units))
-    if args.json is not None:
-        args.json.write_text(json.dumps(planner.plan_to_json(result), indent=2))
-        print(f"\nwrote {args.json}")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    """Estimate without planning (``--budget`` belongs to :func:`lightning_compact.memory.planner.main`,
+    which ``lightning-compact estimate`` runs). Returns the exit code."""
+    parser, args, shape = parse_args(argv)
+    if args.budget is not None:
+        # The planner builds on this module, never the other way round.
+        parser.error("--budget runs the planner: use `lightning-compact estimate` or lightning_compact.memory.planner.main")
+    return run_estimate(args, shape)
 
 
 if __name__ == "__main__":

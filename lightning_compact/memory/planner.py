@@ -26,8 +26,9 @@ baseline running the whole global batch as one micro-batch::
 * the last term: ``k`` micro-batches of the global batch's ``T`` tokens each cost a fixed
   host/launch time ``a`` per decoder layer (``L`` layers) on top of compute ``b`` per
   token per parameter (``N`` parameters). ``a`` and ``b`` come from two H200 measurements
-  of the LLaMA-350M baseline (bf16-mixed): 86,316 tokens/s at 32 x 256 (RESULTS §5) and
-  98,912 tokens/s at 128 x 256 (§4): ``t = 16.1 ms + 9.62 µs/token`` per micro-batch,
+  of the LLaMA-350M baseline (bf16-mixed): 86,316 tokens/s at 32 x 256 (RESULTS "Step time and
+  throughput") and 98,912 tokens/s at 128 x 256 (RESULTS "Peak memory and step time against the
+  other methods"): ``t = 16.1 ms + 9.62 µs/token`` per micro-batch,
   i.e. ``a = 0.67 ms`` per layer and ``b = 2.61e-14 s`` per token per parameter. Two
   harnesses (Lightning, a plain loop) and one model: a coarse model, stated as such.
 
@@ -41,6 +42,7 @@ best; every estimate is cached.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -49,23 +51,33 @@ from typing import Any
 
 from lightning_compact.memory.breakdown import format_bytes
 from lightning_compact.memory.checkpointing_options import checkpointing_granularities, get_checkpointing
-from lightning_compact.memory.estimator import LEAN_OPTIONS, MODES, Estimate, Variant, describe, estimate
+from lightning_compact.memory.estimator import (
+    LEAN_OPTIONS,
+    MODES,
+    Estimate,
+    Variant,
+    describe,
+    estimate,
+    parse_args,
+    ranks_and_modes,
+    run_estimate,
+)
 from lightning_compact.memory.recipe import RunShape, model_config
 
-__all__ = ["CostModel", "Plan", "PlanError", "Trial", "parse_size", "plan", "plan_report", "plan_to_json"]
+__all__ = ["CostModel", "Plan", "PlanError", "Trial", "main", "parse_size", "plan", "plan_report", "plan_to_json"]
 
 GIB = 2**30
 
 # Step time relative to the baseline (same model, batch and precision), with their sources.
-# CompAct's: benchmarks/RESULTS.md §4 "Against peers", LLaMA-350M, H200, 128 x 256,
-# bf16-mixed, one harness for every method (before the fused projection kernel).
+# CompAct's: benchmarks/RESULTS.md "Peak memory and step time against the other methods" (H200),
+# LLaMA-350M, 128 x 256, bf16-mixed, one harness for every method (before the fused projection kernel).
 STEP_TIME_FACTORS: dict[tuple[float, str], float] = {
     (0.25, "compressed"): 1.254,
     (0.25, "decompressed"): 1.101,
     (0.125, "compressed"): 1.235,
     (0.125, "decompressed"): 1.054,
 }
-LEAN_FACTOR = 1.00  # no matmul recomputed; CPU 0.80-1.07x (RESULTS §6, noisy); GPU unmeasured
+LEAN_FACTOR = 1.00  # no matmul recomputed; CPU 0.78-0.85x idle (RESULTS "Lean activations"); GPU unmeasured
 # The fixed cost of one micro-batch per decoder layer, and compute per token per parameter
 # (see the module docstring): from 86,316 tok/s at 8,192 tokens and 98,912 tok/s at 32,768.
 MICRO_BATCH_SECONDS_PER_LAYER = 0.0161 / 24
@@ -386,3 +398,34 @@ def plan_to_json(plan_: Plan) -> dict[str, Any]:
             "global_batch": plan_.global_batch, "pick": trial(plan_.pick), "yaml": yaml, "flags": flags,
             "trials": [trial(t) for t in plan_.trials]}
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-compact estimate``: the estimator's table, or with ``--budget`` the plan. Returns the exit code.
+
+    Exit status 1 when nothing fits the budget (the message says what to try).
+    """
+    parser, args, shape = parse_args(argv)
+    if args.budget is None:
+        return run_estimate(args, shape)
+    ranks, modes = ranks_and_modes(args, shape)
+    try:
+        budget = parse_size(args.budget)
+        granularities = None if args.plan_checkpointing is None else [None if g == "none" else g for g in args.plan_checkpointing]
+        lean = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_lean]
+        print(f"Planning {describe(shape)} within {args.budget} ...", file=sys.stderr, flush=True)
+        result = plan(shape, budget, ranks=ranks, modes=modes, lean=lean, checkpointing=granularities,
+                      micro_batches=args.plan_micro_batches, headroom=args.plan_headroom, progress=True)
+    except PlanError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        parser.error(str(err))
+    print(plan_report(result, args.units))
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan_to_json(result), indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
