@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "CHECKED_TORCH",
     "PrivateTorchAPIError",
+    "adopt_module_hooks",
     "fake_store",
     "fake_tensor",
     "fake_tensor_mode",
@@ -75,3 +76,20 @@ def torch_dispatch_mode() -> type:
 def tree_leaves(tree: Any) -> list[Any]:
     """``torch.utils._pytree.tree_leaves``."""
     return _load("torch.utils._pytree", "tree_leaves")(tree)
+
+
+# nn.Module's hook registries. A layer swap hands the very dicts to the new module, so hooks
+# keep firing and the handles users hold (which point at these dicts) still remove them.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def adopt_module_hooks(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Give ``target`` ``source``'s hook registries (the same dict objects) and full-backward-hook flag."""
+    for attr in _HOOK_DICTS:
+        if hasattr(source, attr) and hasattr(target, attr):
+            setattr(target, attr, getattr(source, attr))
+    # Without this flag nn.Module treats the entries of _backward_hooks as neither full nor
+    # legacy hooks and never calls them.
+    target._is_full_backward_hook = getattr(source, "_is_full_backward_hook", None)

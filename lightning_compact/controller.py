@@ -221,6 +221,8 @@ class CompAct:
                 keys_done.add(id(layer.projection_keys))
             cache = layer.projection_cache
             if cache is not None and id(cache) not in caches_done:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"CompAct.set_seed(seed={seed!r}): must be an int")
                 layer.refresh_projection_cache()
                 caches_done.add(id(cache))
 

@@ -144,6 +144,13 @@ def compact_linear(
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     n = weight.shape[1]
+    if rank > n:
+        raise ValueError(
+            f"rank {rank} exceeds in_features {n}: x·P would be larger than the input it replaces; "
+            f"use a rank below {n} (or F.linear for this layer)"
+        )
+    if seed is not None and not isinstance(seed, torch.Tensor) and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int (or its keys as an int32 tensor from seed_keys), got {seed!r}")
     if weight_delta is not None and tuple(weight_delta.shape) != (weight.shape[0], rank):
         raise ValueError(f"weight_delta has shape {tuple(weight_delta.shape)}, expected {(weight.shape[0], rank)}")
     if proj is not None and tuple(proj.shape) != (n, rank):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compact._torch_private import adopt_module_hooks
 from lightning_compact.distributed import is_dtensor
 from lightning_compact.functional import GRAD_MODES, compact_linear
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
@@ -65,14 +66,32 @@ DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "EncDecAttention.o": "attention output",
 }
 
-# The attribute of a weight_delta Parameter that points (weakly) at its layer.
-_OWNER_ATTR = "_compact_owner"
+# Each weight_delta's layer, by id(δ), held weakly. Kept here rather than as an attribute
+# of δ, so that δ (and a model holding it) pickles; a stale id is told apart by checking
+# that the layer still holds that very δ.
+_DELTA_OWNERS: dict[int, weakref.ref] = {}
 
 
 def delta_owner(param: torch.Tensor) -> CompActLinear | None:
     """The :class:`CompActLinear` whose ``weight_delta`` is ``param``, else ``None``."""
-    ref = getattr(param, _OWNER_ATTR, None)
-    return ref() if ref is not None else None
+    ref = _DELTA_OWNERS.get(id(param))
+    layer = ref() if ref is not None else None
+    return layer if layer is not None and getattr(layer, "weight_delta", None) is param else None
+
+
+def live_deltas() -> bool:
+    """Whether any layer may still own a ``weight_delta`` (a cheap test before looking parameters up)."""
+    return bool(_DELTA_OWNERS)
+
+
+def _link(delta: torch.Tensor, layer: CompActLinear) -> None:
+    key = id(delta)
+
+    def forget(ref: weakref.ref) -> None:  # the layer died: drop its entry (unless a newer one took the id)
+        if _DELTA_OWNERS.get(key) is ref:
+            del _DELTA_OWNERS[key]
+
+    _DELTA_OWNERS[key] = weakref.ref(layer, forget)
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> str | None:
@@ -258,6 +277,8 @@ class CompActLinear(nn.Linear):
         return build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
 
     def refresh_projection_cache(self, dtype: torch.dtype | None = None) -> None:
+            if isinstance(base_seed, bool) or not isinstance(base_seed, int):
+                raise TypeError(f"{self.layer_name}: base_seed must be an int, got {base_seed!r}")
         """Build the current window's ``P`` into the cache (in place, so compiled graphs and siblings sharing it follow)."""
         dtype = dtype if dtype is not None else (
             self.projection_cache.dtype if self.projection_cache is not None else self.weight.dtype
@@ -315,12 +336,12 @@ class CompActLinear(nn.Linear):
             return
         if not self.delta_materialized and delta.stride() != (0, 0):
             delta.data = torch.zeros((), dtype=delta.dtype, device=delta.device).expand(delta.shape)
-        setattr(delta, _OWNER_ATTR, weakref.ref(self))
+        _link(delta, self)
 
     def link_delta(self) -> None:
         """Mark the current ``weight_delta`` as this layer's (:func:`delta_owner`), e.g. after FSDP2 replaced it."""
         if self.weight_delta is not None:
-            setattr(self.weight_delta, _OWNER_ATTR, weakref.ref(self))
+            _link(self.weight_delta, self)
 
     def _apply(self, fn: Any, recurse: bool = True) -> CompActLinear:
         super()._apply(fn, recurse)
@@ -460,19 +481,13 @@ def _shape_of(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-
-
 def _adopt(source: nn.Module, target: nn.Module) -> nn.Module:
     """Give ``target`` (a swap's new layer) ``source``'s very Parameters, hooks and training mode."""
     target.weight = source.weight
     target.bias = source.bias
-    # Hooks users or other libraries put on the module (and their with_kwargs flags) survive the swap.
-    for attr in _HOOK_DICTS:
-        if hasattr(source, attr) and hasattr(target, attr):
-            getattr(target, attr).update(getattr(source, attr))
+    # Hooks users or other libraries put on the module (full backward hooks and with_kwargs
+    # flags included) keep firing after the swap, and their handles still remove them.
+    adopt_module_hooks(source, target)
     target.train(source.training)
     return target
 
@@ -539,16 +554,37 @@ def convert_to_compact(
         module_filter_fn: ``fn(linear, fully_qualified_name) -> bool``; only layers it
             accepts are converted (and those also pass the exclusions).
 
+    ``aliases`` maps each further name of a layer registered under several names (one
+    ``nn.Linear`` shared by two parents, or ``m.alias = m.a``) to the name it was
+    converted (or skipped) under: it is one layer, converted once, with one ``weight_delta``.
     Returns:
         ``module`` itself. :func:`conversion_report` tells which layer got which rank and
         why others were skipped. Layers already converted with the same settings are left
         as they are (gradient mode included) and listed again, so calling this twice
         (e.g. after ``configure_model``) is safe.
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     Raises:
         ValueError: a layer is already converted with other settings (call
             :func:`restore_linear` first).
     """
+        self.aliases.update(other.aliases)
+
+
+def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every (name, child) of every module under ``module``, by id of the parent, aliases included.
+
+    ``named_children`` lists a module held under two names of one parent only once; the
+    walk without de-duplication sees every name, so an alias is swapped with its original.
+    """
+    by_name: dict[str, nn.Module] = {}
+    slots: dict[int, dict[str, nn.Module]] = {}
+    for name, mod in module.named_modules(remove_duplicate=False):  # pre-order: a parent before its children
+        by_name[name] = mod
+        if name:
+            parent_name, _, child_name = name.rpartition(".")
+            slots.setdefault(id(by_name[parent_name]), {}).setdefault(child_name, mod)
+    return {key: list(children.items()) for key, children in slots.items()}
     if (rank is None) == (config is None):
         raise ValueError("pass exactly one of rank=... or config=CompActConfig(...)")
     config = config if config is not None else CompActConfig(rank=rank)
@@ -566,7 +602,7 @@ def convert_to_compact(
 
     def visit(parent: nn.Module, prefix: str) -> None:
         # Post-order: children first, then swap them in their parent.
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in slots.get(id(parent), ()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             visit(child, name)
             if not isinstance(child, nn.Linear) and not _is_conv1d(child):
@@ -621,10 +657,23 @@ def _share_projection_state(layers: Iterable[CompActLinear]) -> None:
         leader = first.setdefault(key, layer)
         if leader is not layer:
             layer.projection_keys = leader.projection_keys
+    slots = _child_slots(module)
+    first_name: dict[int, str] = {}  # id(module) -> the name it was first met under
+    swapped: dict[int, nn.Module] = {}  # id(original layer) -> its CompActLinear
+
             layer.projection_cache = leader.projection_cache
 
 
 def restore_linear(module: nn.Module) -> nn.Module:
+            if id(child) in first_name:
+                # The same module under another name: converted (or not) once, by its first
+                # name; this name gets the same layer, so sharing survives and there is one δ.
+                if id(child) in swapped:
+                    setattr(parent, child_name, swapped[id(child)])
+                if isinstance(child, nn.Linear) or _is_conv1d(child):
+                    report.aliases[name] = first_name[id(child)]
+                continue
+            first_name[id(child)] = name
     """Swap every :class:`CompActLinear` in ``module`` back to a plain ``nn.Linear`` (same Parameters), in place.
 
     Any pending compressed gradient is dropped with its ``weight_delta``. A layer sharded
@@ -632,14 +681,19 @@ def restore_linear(module: nn.Module) -> nn.Module:
     to it, but is deactivated (:meth:`CompActLinear.deactivate`): it computes and
     differentiates exactly like the plain layer. Returns ``module``.
     """
-    for name, child in list(module.named_modules()):
-        for child_name, grandchild in list(child.named_children()):
+    slots = _child_slots(module)
+    plain: dict[int, nn.Module] = {}  # one plain layer per converted one, whatever its number of names
+    for _, child in list(module.named_modules()):
+        for child_name, grandchild in slots.get(id(child), ()):
             if isinstance(grandchild, CompActLinear):
                 if is_dtensor(grandchild.weight):
                     if grandchild.weight_delta is not None:
                         grandchild.weight_delta.grad = None
                     grandchild.deactivate()
                 else:
-                    setattr(child, child_name, grandchild.to_plain())
+                    if id(grandchild) not in plain:
+                        plain[id(grandchild)] = grandchild.to_plain()
+                    setattr(child, child_name, plain[id(grandchild)])
     _REPORTS.pop(module, None)
     return module
+            swapped[id(child)] = new

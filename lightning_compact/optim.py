@@ -42,9 +42,10 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_compact.distributed import add_decompressed_, local_shard
-from lightning_compact.layers import CompActLinear, delta_owner
+from lightning_compact.layers import CompActLinear, delta_owner, live_deltas
 from lightning_compact.projection import build_projection, seed_keys
 
 __all__ = ["DEFAULT_SCALE", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
@@ -296,19 +297,21 @@ def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterabl
     own (:class:`CompActAdamW` updates it through ``δ``), so it is not held at all: a
     held parameter that needs gradients but never has state is what
     ``torch.distributed.checkpoint`` refuses to load (Lightning's ``ModelParallelStrategy``).
-    A ``δ`` already held stays where it is, and its weight is dropped.
+    ``δ`` goes where its weight was (same group, same position), wherever ``δ`` itself was
+    listed: the weight's group holds the hyperparameters (weight decay, lr) meant for it,
+    and the state keeps the plain optimizer's order. (A group split by name, e.g.
+    ``n.endswith("weight")``, would otherwise put ``...weight_delta`` among the no-decay
+    parameters.) A ``δ`` listed without its weight stays where it is.
     """
     deltas = {id(layer.weight): layer.weight_delta for layer in layers if layer.weight_delta is not None}
-    placed = {id(p) for group in groups for p in group["params"]} & {id(d) for d in deltas.values()}
+    moved = {id(deltas[id(p)]) for group in groups for p in group["params"] if id(p) in deltas}
     for group in groups:
         params = []
         for p in group["params"]:
-            delta = deltas.get(id(p))
-            if delta is None:
+            if id(p) in deltas:
+                params.append(deltas[id(p)])
+            elif id(p) not in moved:  # a δ listed on its own yields to its weight's place
                 params.append(p)
-            elif id(delta) not in placed:
-                params.append(delta)
-                placed.add(id(delta))
         group["params"] = params
 
 
@@ -372,3 +375,27 @@ def rebind_lr_scheduler(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
     for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
         rebind_lr_scheduler(child, old, new)
 
+
+def _refuse_foreign_deltas(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """A global step pre-hook: an optimizer other than CompActAdamW about to apply a compressed gradient.
+
+    torch's Adam would write its update into ``δ`` (a broadcast zero: "more than one
+    element of the written-to tensor refers to a single memory location"), and the weight
+    itself, which has no ``.grad`` in compressed mode, would never move. A no-op unless
+    some layer owns a ``weight_delta``.
+    """
+    if isinstance(optimizer, CompActAdamW) or not live_deltas():
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            layer = delta_owner(p) if p.grad is not None else None
+            if layer is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} got the compressed gradient of layer {layer.layer_name!r} (its weight_delta, "
+                    "grad_mode='compressed'), which only CompActAdamW can apply. Use `opt = compact.optimizer(opt)` "
+                    "(CompAct; CompActCallback does it for you) or `CompActAdamW(model.parameters())`, call "
+                    "`compact.decompress_grads_()` before each step, or convert with grad_mode='decompressed'."
+                )
+
+
+register_optimizer_step_pre_hook(_refuse_foreign_deltas)

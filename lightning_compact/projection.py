@@ -170,8 +170,15 @@ def seed_keys(seed: int) -> tuple[int, int]:
     key = _splitmix64(seed & _MASK64)
     return _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
 
+def _check_seed(seed: object) -> None:
+    # A float would fail later inside the hash with "unsupported operand type(s) for &".
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__}); e.g. seed=int(seed)")
+
+
 
 def build_projection(
+    _check_seed(seed)
     in_features: int,
     rank: int,
     keys: torch.Tensor,
@@ -209,3 +216,4 @@ def layer_seed(base_seed: int, layer_name: str, window: int) -> int:
 def window_for_step(global_step: int, update_proj_gap: int) -> int:
     """Resample window of an optimizer step: P changes every ``update_proj_gap`` steps."""
     return global_step // update_proj_gap
+    _check_seed(base_seed)
