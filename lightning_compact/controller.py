@@ -189,6 +189,8 @@ class CompAct:
 
     def set_seed(self, seed: int) -> None:
         """Change the base seed (e.g. to a checkpoint's); applied at the next :meth:`step`."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"CompAct.set_seed(seed={seed!r}): must be an int")
         self.config = dataclasses.replace(self.config, seed=seed)
         self._window = None
 
@@ -221,8 +223,6 @@ class CompAct:
                 keys_done.add(id(layer.projection_keys))
             cache = layer.projection_cache
             if cache is not None and id(cache) not in caches_done:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"CompAct.set_seed(seed={seed!r}): must be an int")
                 layer.refresh_projection_cache()
                 caches_done.add(id(cache))
 

@@ -257,6 +257,8 @@ class CompActLinear(nn.Linear):
     def set_window(self, window: int, base_seed: int | None = None) -> None:
         """Use the projection of resample window ``window`` (and ``base_seed``, if given)."""
         if base_seed is not None:
+            if isinstance(base_seed, bool) or not isinstance(base_seed, int):
+                raise TypeError(f"{self.layer_name}: base_seed must be an int, got {base_seed!r}")
             self.base_seed = base_seed
         if window == self.window and base_seed is None:
             return
@@ -277,8 +279,6 @@ class CompActLinear(nn.Linear):
         return build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
 
     def refresh_projection_cache(self, dtype: torch.dtype | None = None) -> None:
-            if isinstance(base_seed, bool) or not isinstance(base_seed, int):
-                raise TypeError(f"{self.layer_name}: base_seed must be an int, got {base_seed!r}")
         """Build the current window's ``P`` into the cache (in place, so compiled graphs and siblings sharing it follow)."""
         dtype = dtype if dtype is not None else (
             self.projection_cache.dtype if self.projection_cache is not None else self.weight.dtype
@@ -497,16 +497,37 @@ class ConversionReport:
     """Which linear layers were converted (with their rank) and which were skipped (with why).
 
     ``shapes`` holds ``(in_features, out_features)`` of every linear layer met.
+    ``aliases`` maps each further name of a layer registered under several names (one
+    ``nn.Linear`` shared by two parents, or ``m.alias = m.a``) to the name it was
+    converted (or skipped) under: it is one layer, converted once, with one ``weight_delta``.
     """
 
     converted: dict[str, CompActLinear] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def merge(self, other: ConversionReport) -> None:
         self.converted.update(other.converted)
         self.skipped.update(other.skipped)
         self.shapes.update(other.shapes)
+        self.aliases.update(other.aliases)
+
+
+def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every (name, child) of every module under ``module``, by id of the parent, aliases included.
+
+    ``named_children`` lists a module held under two names of one parent only once; the
+    walk without de-duplication sees every name, so an alias is swapped with its original.
+    """
+    by_name: dict[str, nn.Module] = {}
+    slots: dict[int, dict[str, nn.Module]] = {}
+    for name, mod in module.named_modules(remove_duplicate=False):  # pre-order: a parent before its children
+        by_name[name] = mod
+        if name:
+            parent_name, _, child_name = name.rpartition(".")
+            slots.setdefault(id(by_name[parent_name]), {}).setdefault(child_name, mod)
+    return {key: list(children.items()) for key, children in slots.items()}
 
 
 def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig) -> str | None:
@@ -554,37 +575,16 @@ def convert_to_compact(
         module_filter_fn: ``fn(linear, fully_qualified_name) -> bool``; only layers it
             accepts are converted (and those also pass the exclusions).
 
-    ``aliases`` maps each further name of a layer registered under several names (one
-    ``nn.Linear`` shared by two parents, or ``m.alias = m.a``) to the name it was
-    converted (or skipped) under: it is one layer, converted once, with one ``weight_delta``.
     Returns:
         ``module`` itself. :func:`conversion_report` tells which layer got which rank and
         why others were skipped. Layers already converted with the same settings are left
         as they are (gradient mode included) and listed again, so calling this twice
         (e.g. after ``configure_model``) is safe.
-    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     Raises:
         ValueError: a layer is already converted with other settings (call
             :func:`restore_linear` first).
     """
-        self.aliases.update(other.aliases)
-
-
-def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
-    """Every (name, child) of every module under ``module``, by id of the parent, aliases included.
-
-    ``named_children`` lists a module held under two names of one parent only once; the
-    walk without de-duplication sees every name, so an alias is swapped with its original.
-    """
-    by_name: dict[str, nn.Module] = {}
-    slots: dict[int, dict[str, nn.Module]] = {}
-    for name, mod in module.named_modules(remove_duplicate=False):  # pre-order: a parent before its children
-        by_name[name] = mod
-        if name:
-            parent_name, _, child_name = name.rpartition(".")
-            slots.setdefault(id(by_name[parent_name]), {}).setdefault(child_name, mod)
-    return {key: list(children.items()) for key, children in slots.items()}
     if (rank is None) == (config is None):
         raise ValueError("pass exactly one of rank=... or config=CompActConfig(...)")
     config = config if config is not None else CompActConfig(rank=rank)
@@ -600,10 +600,23 @@ def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
         for _, p in mod.named_parameters(recurse=False, remove_duplicate=False):
             holders.setdefault(id(p), {}).setdefault(id(mod), mod_name)
 
+    slots = _child_slots(module)
+    first_name: dict[int, str] = {}  # id(module) -> the name it was first met under
+    swapped: dict[int, nn.Module] = {}  # id(original layer) -> its CompActLinear
+
     def visit(parent: nn.Module, prefix: str) -> None:
         # Post-order: children first, then swap them in their parent.
         for child_name, child in slots.get(id(parent), ()):
             name = f"{prefix}.{child_name}" if prefix else child_name
+            if id(child) in first_name:
+                # The same module under another name: converted (or not) once, by its first
+                # name; this name gets the same layer, so sharing survives and there is one δ.
+                if id(child) in swapped:
+                    setattr(parent, child_name, swapped[id(child)])
+                if isinstance(child, nn.Linear) or _is_conv1d(child):
+                    report.aliases[name] = first_name[id(child)]
+                continue
+            first_name[id(child)] = name
             visit(child, name)
             if not isinstance(child, nn.Linear) and not _is_conv1d(child):
                 continue
@@ -639,6 +652,7 @@ def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
             cls = CompActConv1D if _is_conv1d(child) else CompActLinear
             new = cls.from_linear(child, rank=layer_rank, name=name, config=config)
             setattr(parent, child_name, new)
+            swapped[id(child)] = new
             report.converted[name] = new
 
     visit(module, "")
@@ -657,23 +671,10 @@ def _share_projection_state(layers: Iterable[CompActLinear]) -> None:
         leader = first.setdefault(key, layer)
         if leader is not layer:
             layer.projection_keys = leader.projection_keys
-    slots = _child_slots(module)
-    first_name: dict[int, str] = {}  # id(module) -> the name it was first met under
-    swapped: dict[int, nn.Module] = {}  # id(original layer) -> its CompActLinear
-
             layer.projection_cache = leader.projection_cache
 
 
 def restore_linear(module: nn.Module) -> nn.Module:
-            if id(child) in first_name:
-                # The same module under another name: converted (or not) once, by its first
-                # name; this name gets the same layer, so sharing survives and there is one δ.
-                if id(child) in swapped:
-                    setattr(parent, child_name, swapped[id(child)])
-                if isinstance(child, nn.Linear) or _is_conv1d(child):
-                    report.aliases[name] = first_name[id(child)]
-                continue
-            first_name[id(child)] = name
     """Swap every :class:`CompActLinear` in ``module`` back to a plain ``nn.Linear`` (same Parameters), in place.
 
     Any pending compressed gradient is dropped with its ``weight_delta``. A layer sharded
@@ -696,4 +697,3 @@ def restore_linear(module: nn.Module) -> nn.Module:
                     setattr(child, child_name, plain[id(grandchild)])
     _REPORTS.pop(module, None)
     return module
-            swapped[id(child)] = new

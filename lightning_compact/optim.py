@@ -19,12 +19,30 @@ window the first moment is moved into the new basis, ``M ← M (P_oldᵀP_old)�
 and the second moment keeps its basis-invariant part, each row's mean. Every other
 parameter gets plain AdamW.
 
+Beyond the paper, a group's ``update_rule`` may instead use the moments only for a scale,
+as APOLLO (arXiv 2412.05270) does, and step along the compressed gradient itself::
+
+    "channel":  U_i = s_i Ĝ_i,  s_i = ‖N_i‖ / ‖Ĝ_i‖  (one scale per output channel i)
+    "tensor":   U   = s Ĝ,      s   = ‖N‖_F / ‖Ĝ‖_F  (one per weight, APOLLO-Mini-like)
+    W ← W (1 − lr·λ) − lr·α · U Pᵀ
+
+Both norms are r-space quantities and ``U Pᵀ`` is decompressed inside the same fused
+update, so these rules allocate nothing of size ``[m, n]`` either. Since ``‖U_i‖ = ‖N_i‖``
+and ``Pᵀ`` acts alike on both, a row moves by as much as under the Adam rule: the same
+``lr`` and α keep their meaning. APOLLO's norm-growth limiter (from Fira) comes with them:
+``‖U_t‖_F ≤ γ ‖U_{t−1}‖_F`` with γ = 1.01, one float per weight (``update_norm`` in its
+state). It acts on the r-space norm (``‖U Pᵀ‖ ≈ √(n/r)·‖U‖`` whatever ``U``, so that
+ratio is the decompressed one's, up to ``P``'s fluctuation), which for both rules is
+``‖N‖_F``: no ``[m, n]`` norm is computed. Under FSDP2 the per-row norms are local to a row
+shard; the tensor-wise norms are summed over the shards (one all-reduce of two scalars per
+weight and step).
+
 Because ``Ĝ`` is a ``.grad``, torch's ``clip_grad_norm_`` (and Lightning's clipping)
 already count it: ``E‖G P‖² = ‖G‖²``, so a threshold tuned without CompAct keeps its
 meaning (the decompressed ``‖Ĝ Pᵀ‖`` would carry ~``(n+1)/r`` times more energy).
 
 The state is only tensors and numbers (``step``, ``exp_avg``, ``exp_avg_sq`` per
-parameter, plus with ``moment_carry`` the int32 hash keys ``projection_keys`` of the
+parameter, ``update_norm`` for the ``"channel"``/``"tensor"`` rules, plus with ``moment_carry`` the int32 hash keys ``projection_keys`` of the
 ``P`` the moments are in; ``scale`` per group), so checkpoints load with
 ``torch.load(weights_only=True)``.
 
@@ -41,20 +59,27 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_compact.distributed import add_decompressed_, local_shard
+from lightning_compact.distributed import DTensor, add_decompressed_, is_dtensor, local_shard
 from lightning_compact.layers import CompActLinear, delta_owner, live_deltas
 from lightning_compact.projection import build_projection, seed_keys
 
-__all__ = ["DEFAULT_SCALE", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
+__all__ = ["DEFAULT_SCALE", "DEFAULT_UPDATE_RULE", "UPDATE_RULES", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
 
 # α, the scale of the decompressed update. With P ~ N(0, 1/r) the entries of N Pᵀ have
 # the magnitude of a full-rank Adam step, so α = 1 keeps the meaning of a learning rate
 # tuned for plain AdamW. The paper instead raises lr and shrinks α: 0.25 for pretraining
 # (at lr 0.01), and for RoBERTa fine-tuning α = 2 at r = 8 and α = 4 at r = 4.
 DEFAULT_SCALE: float = 1.0
+
+# How the r-space Adam direction N becomes the update of a compressed weight (see CompActAdamW):
+# "adam" (the paper's): N Pᵀ. "channel" (APOLLO-style, beyond the paper): Ĝ Pᵀ with each row
+# rescaled to the norm of N's row. "tensor" (APOLLO-Mini-like): one such scale for the whole tensor.
+UPDATE_RULES: tuple[str, ...] = ("adam", "channel", "tensor")
+DEFAULT_UPDATE_RULE: str = "adam"
 
 # Flags of torch's Adam/AdamW that change nothing in CompActAdamW's arithmetic and are
 # dropped when a torch optimizer's groups are carried over.
@@ -82,6 +107,12 @@ class CompActAdamW(Optimizer):
             Default :data:`DEFAULT_SCALE` (1.0: a plain-AdamW learning rate keeps its
             meaning). The paper uses 0.25 for pretraining at lr 0.01, and 2 (r = 8) or
             4 (r = 4) for fine-tuning.
+        update_rule: the group default of how compressed weights step (see :data:`UPDATE_RULES`
+            and the module docstring): ``"adam"`` (the paper's ``N Pᵀ``, default),
+            ``"channel"`` (``Ĝ Pᵀ`` with each output channel rescaled to ``‖N_i‖/‖Ĝ_i‖``,
+            APOLLO-style) or ``"tensor"`` (one scale ``‖N‖/‖Ĝ‖`` per weight). Beyond the
+            paper; the latter two add APOLLO's norm-growth limiter (γ = 1.01) and one float
+            per weight of state. Parameters outside CompAct follow AdamW whatever the rule.
         moment_carry: beyond the paper, off by default (the paper keeps the moments as
             they are when ``P`` is resampled). When on, at the first step after a
             resample each compressed first moment is moved into the new basis,
@@ -107,7 +138,9 @@ class CompActAdamW(Optimizer):
         *,
         scale: float = DEFAULT_SCALE,
         moment_carry: bool = False,
+        update_rule: str = DEFAULT_UPDATE_RULE,
     ) -> None:
+        _check_update_rule(update_rule)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -118,9 +151,23 @@ class CompActAdamW(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"Invalid scale (α): {scale}; must be a positive number")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale=float(scale))
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale=float(scale), update_rule=update_rule
+        )
         super().__init__(params, defaults)
         self.moment_carry = bool(moment_carry)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its ``update_rule`` (given or the default) is validated."""
+        super().add_param_group(param_group)
+        _check_update_rule(self.param_groups[-1]["update_rule"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict takes the groups' settings from the checkpoint; one saved before
+        # update_rule existed gets this optimizer's default (torch does the same for new flags).
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("update_rule", self.defaults.get("update_rule", DEFAULT_UPDATE_RULE))
 
     @classmethod
     def from_optimizer(
@@ -130,13 +177,15 @@ class CompActAdamW(Optimizer):
         scale: float = DEFAULT_SCALE,
         layers: Iterable[CompActLinear] = (),
         moment_carry: bool = False,
+        update_rule: str = DEFAULT_UPDATE_RULE,
     ) -> CompActAdamW:
         """A ``CompActAdamW`` with ``optimizer``'s parameter groups and hyperparameters.
 
         Group entries other than torch's Adam flags (e.g. a scheduler's ``initial_lr``,
         or user keys) are carried over; groups without a ``scale`` get ``scale``. Each of
         ``layers`` in compressed mode has its ``weight_delta`` take its weight's place
-        (see :func:`put_deltas_in_place_of_weights`). ``moment_carry`` is the constructor's.
+        (see :func:`put_deltas_in_place_of_weights`). ``moment_carry`` is the constructor's;
+        groups without an ``update_rule`` get ``update_rule`` (see :data:`UPDATE_RULES`).
 
         Raises:
             ValueError: when ``optimizer`` has no compressed counterpart (see
@@ -151,12 +200,14 @@ class CompActAdamW(Optimizer):
             group["params"] = list(group["params"])
             groups.append(group)
         put_deltas_in_place_of_weights(groups, layers)
+        _check_update_rule(update_rule)
         for group in groups:
             group.setdefault("scale", float(scale))
+            group.setdefault("update_rule", update_rule)
         d = optimizer.defaults
         return cls(
             groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], scale=scale,
-            moment_carry=moment_carry,
+            moment_carry=moment_carry, update_rule=update_rule,
         )
 
     @torch.no_grad()
@@ -269,11 +320,16 @@ class CompActAdamW(Optimizer):
             )
         compressed = [i for i, layer in enumerate(layers) if layer is not None]
         if compressed:
+            rule = group["update_rule"]
             updates = torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed])
             for i, update in zip(compressed, updates):
+                if rule != "adam":
+                    # Ĝ rescaled (per row or per tensor) to the norm of M / denom = bc1·N; the
+                    # coefficient lr·α/bc1 below then makes each rescaled row's norm lr·α·‖N_i‖.
+                    update = _rescaled_gradient(update, grads[i], rule, states[i], 1 - beta1 ** steps[i])
                 w = layers[i].linear_weight()  # [out, in], a view where the Parameter is stored transposed
                 proj = layers[i].projection_matrix(dtype=w.dtype)  # [n, r], the P the gradient was made with
-                # W −= lr·α/bc1 · (M / denom) Pᵀ, decompressed inside the matmul: no [m, n] temporary.
+                # W −= lr·α/bc1 · U Pᵀ, decompressed inside the matmul: no [m, n] temporary.
                 add_decompressed_(w, update, proj, alpha=-step_sizes[i] * group["scale"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -288,6 +344,74 @@ class CompActAdamW(Optimizer):
                         f"{tuple(p.shape)}: it was saved with another CompAct gradient mode or rank. Resume with the "
                         "same settings."
                     )
+
+
+def _check_update_rule(update_rule: object) -> None:
+    if update_rule not in UPDATE_RULES:
+        raise ValueError(
+            f"update_rule={update_rule!r}: must be one of {UPDATE_RULES} ('adam' is the paper's update N Pᵀ; "
+            "'channel' and 'tensor' rescale Ĝ Pᵀ per output channel or per tensor, APOLLO-style)"
+        )
+
+
+# APOLLO's norm-growth limiter (from Fira): the r-space update's norm may grow by at most this
+# factor per step (None: off). See CompActAdamW's docstring for what it acts on.
+_NORM_GROWTH_LIMIT: float | None = 1.01
+
+
+def _sum_over_shards(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum ``local`` (per-shard partial sums of ``like``'s entries) over the mesh dims that shard ``like``."""
+    if is_dtensor(like):
+        for dim, placement in enumerate(like.placements):
+            if placement.is_shard():
+                dist.all_reduce(local, group=like.device_mesh.get_group(dim))
+    return local
+
+
+def _rescaled_gradient(
+    update: torch.Tensor, grad: torch.Tensor, rule: str, state: dict[str, Any], bias_correction1: float
+) -> torch.Tensor:
+    """``Ĝ`` with each row (``"channel"``) or the whole tensor (``"tensor"``) rescaled to ``update``'s norm.
+
+    Row shards (FSDP2's ``Shard(0)``) hold whole rows, so per-row norms are local; the
+    tensor-wise norms (and the limiter's) are summed over the shards, two scalars in one
+    all-reduce. Norms are taken in at least float32; the result has ``grad``'s dtype and layout.
+    """
+    u, g = local_shard(update), local_shard(grad)
+    work = torch.promote_types(g.dtype, torch.float32)
+    if rule == "channel":
+        if is_dtensor(grad) and any(p.is_shard() and p.dim != 0 for p in grad.placements):
+            raise ValueError(
+                f"update_rule='channel' needs whole rows of each compressed gradient on a rank, got placements "
+                f"{grad.placements}; shard the layer by rows (fully_shard's default) or use update_rule='tensor'"
+            )
+        u_norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True, dtype=work)
+        g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True, dtype=work)
+        squares = None
+    else:
+        squares = _sum_over_shards(
+            torch.stack([u.to(work).square().sum(), g.to(work).square().sum()]), like=grad
+        )
+        u_norm, g_norm = squares.sqrt().unbind()
+    # A zero row of Ĝ stays zero (its scale is irrelevant, and 0/0 must not become NaN).
+    factor = torch.where(g_norm > 0, u_norm / g_norm.clamp_min(torch.finfo(work).tiny), 0.0)
+    if _NORM_GROWTH_LIMIT is not None:
+        # ‖N‖_F of this step, in r-space (‖U‖_F = ‖M/denom‖_F by construction, both rules).
+        if squares is None:
+            squares = _sum_over_shards(u.to(work).square().sum().reshape(1), like=grad)
+        norm = squares[0].sqrt() / bias_correction1
+        previous = state.get("update_norm")
+        if previous is not None:
+            limiter = (norm / (_NORM_GROWTH_LIMIT * previous.to(norm.device))).clamp_min(1.0)
+            factor = factor / limiter
+            norm = norm / limiter
+        state["update_norm"] = norm.to(u.dtype)  # the parameter's dtype: what load_state_dict casts it to
+    out = (g.to(work) * factor).to(g.dtype)
+    if is_dtensor(grad):
+        out = DTensor.from_local(
+            out, grad.device_mesh, grad.placements, run_check=False, shape=grad.shape, stride=grad.stride()
+        )
+    return out
 
 
 def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterable[CompActLinear]) -> None:

@@ -165,20 +165,20 @@ def make_projection(
     return build_projection(in_features, rank, keys, projection=projection, dtype=dtype)
 
 
-def seed_keys(seed: int) -> tuple[int, int]:
-    """The two int32 hash keys of ``seed`` (what :func:`build_projection` takes as a tensor)."""
-    key = _splitmix64(seed & _MASK64)
-    return _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
-
 def _check_seed(seed: object) -> None:
     # A float would fail later inside the hash with "unsupported operand type(s) for &".
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__}); e.g. seed=int(seed)")
 
 
+def seed_keys(seed: int) -> tuple[int, int]:
+    """The two int32 hash keys of ``seed`` (what :func:`build_projection` takes as a tensor)."""
+    _check_seed(seed)
+    key = _splitmix64(seed & _MASK64)
+    return _signed32(key & 0xFFFFFFFF), _signed32(key >> 32)
+
 
 def build_projection(
-    _check_seed(seed)
     in_features: int,
     rank: int,
     keys: torch.Tensor,
@@ -209,6 +209,7 @@ def layer_seed(base_seed: int, layer_name: str, window: int) -> int:
     so adding or filtering other layers changes nothing) is hashed with CRC32, which is
     stable across processes and Python versions, unlike ``hash(str)``.
     """
+    _check_seed(base_seed)
     name_key = zlib.crc32(layer_name.encode("utf-8"))
     return _splitmix64(_splitmix64(_splitmix64(base_seed & _MASK64) ^ name_key) ^ (window & _MASK64)) >> 1
 
@@ -216,4 +217,3 @@ def layer_seed(base_seed: int, layer_name: str, window: int) -> int:
 def window_for_step(global_step: int, update_proj_gap: int) -> int:
     """Resample window of an optimizer step: P changes every ``update_proj_gap`` steps."""
     return global_step // update_proj_gap
-    _check_seed(base_seed)

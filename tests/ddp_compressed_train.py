@@ -49,12 +49,12 @@ def rank_loader(rank: int) -> DataLoader:
     return DataLoader(TensorDataset(tokens[rank::WORLD]), batch_size=LOCAL_BATCH, shuffle=False)
 
 
-def main(out_dir: Path, optimizer: str) -> None:
+def main(out_dir: Path, optimizer: str, update_rule: str = "adam") -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.manual_seed(rank)
     module = PlainLM(optimizer=optimizer)
 
-    cb = CompActCallback(rank=4, update_proj_gap=2)
+    cb = CompActCallback(rank=4, update_proj_gap=2, update_rule=update_rule)
 
     # Count the elements of compressed gradients that DDP's reducer sends, per step.
     sent: dict[int, int] = {}
@@ -84,4 +84,4 @@ def main(out_dir: Path, optimizer: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:])  # out_dir, optimizer[, update_rule]

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from lightning_compact.controller import CompAct
 from lightning_compact.layers import CompActLinear, ConversionReport, resolve_rank
-from lightning_compact.optim import DEFAULT_SCALE, rebind_lr_scheduler
+from lightning_compact.optim import DEFAULT_SCALE, DEFAULT_UPDATE_RULE, rebind_lr_scheduler
 from lightning_compact.projection import DEFAULT_PROJECTION
 
 __all__ = ["CompActCallback"]
@@ -147,6 +147,12 @@ class CompActCallback(Callback):
             ``CompActAdamW`` moves the first moment into the new basis and resets each row
             of the second to its mean (see :class:`~lightning_compact.optim.CompActAdamW`;
             RESULTS §7: better on the mean of 3 seeds, not on every seed).
+        update_rule: how the swapped-in ``CompActAdamW`` turns its r-space moments into the
+            weight update: ``"adam"`` (default, the paper's ``N Pᵀ``), ``"channel"`` (beyond the
+            paper, APOLLO-style: ``Ĝ Pᵀ`` with each output channel rescaled to the norm of the
+            Adam direction's row) or ``"tensor"`` (one such scale per weight, APOLLO-Mini-like);
+            see :class:`~lightning_compact.optim.CompActAdamW`. Not used with
+            ``grad_mode="decompressed"``.
 
     Raises:
         MisconfigurationException: for a bad argument, an unsupported strategy, a
@@ -172,6 +178,7 @@ class CompActCallback(Callback):
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
         moment_carry: bool = False,
+        update_rule: str = DEFAULT_UPDATE_RULE,
     ) -> None:
         try:
             resolve_rank(rank, in_features=2)
@@ -206,6 +213,7 @@ class CompActCallback(Callback):
                 share_projection=share_projection,
                 cache_projections=cache_projections,
                 moment_carry=moment_carry,
+                update_rule=update_rule,
             )
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"CompActCallback: {err}") from err
@@ -213,6 +221,11 @@ class CompActCallback(Callback):
             raise MisconfigurationException(
                 f"CompActCallback(scale={scale!r}): α scales CompActAdamW's compressed update, which "
                 "grad_mode='decompressed' does not use; drop scale or use grad_mode='compressed'/'auto'"
+            )
+        if grad_mode == "decompressed" and update_rule != DEFAULT_UPDATE_RULE:
+            raise MisconfigurationException(
+                f"CompActCallback(update_rule={update_rule!r}): the update rule is CompActAdamW's, which "
+                "grad_mode='decompressed' does not use; drop update_rule or use grad_mode='compressed'/'auto'"
             )
         self.grad_mode = grad_mode
         self._report = self.compact.report  # kept after fit, when the controller's is reset
