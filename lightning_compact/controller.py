@@ -76,6 +76,9 @@ class CompAct:
         cache_projections: ``True``, ``False`` or ``"auto"``; see :class:`CompActConfig`.
         moment_carry: the :class:`CompActAdamW` made or edited by :meth:`optimizer` carries
             its first moment into each new basis (beyond the paper; off by default).
+            Not with ``projection="principal"`` (its past projections cannot be rebuilt).
+        principal_rank: with ``projection="principal"``, k principal directions per layer
+            (an int, or a fraction of each layer's rank); see :class:`CompActConfig`.
         update_rule: how the :class:`CompActAdamW` made by :meth:`optimizer` turns its r-space
             moments into a weight update: ``"adam"`` (the paper's, default), ``"channel"``
             (APOLLO-style per-channel rescaling of ``Ĝ Pᵀ``) or ``"tensor"`` (one scale per
@@ -98,6 +101,7 @@ class CompAct:
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
         moment_carry: bool = False,
+        principal_rank: int | float = 0.5,
         update_rule: str = DEFAULT_UPDATE_RULE,
     ) -> None:
         if update_rule not in UPDATE_RULES:
@@ -125,11 +129,20 @@ class CompAct:
             default_exclusions=default_exclusions,
             share_projection=share_projection,
             cache_projections=cache_projections,
+            principal_rank=principal_rank,
         )
         self.update_proj_gap = update_proj_gap
         self.target_modules = list(target_modules) if target_modules is not None else None
         self.scale = float(scale)
         self.moment_carry = bool(moment_carry)
+        if self.moment_carry and projection == "principal":
+            raise ValueError(
+                "moment_carry=True moves the moments from the old P to the new one, rebuilt from its seed; "
+                "projection='principal' is built from the data and cannot be rebuilt: use moment_carry=False "
+                "with it, or another projection"
+            )
+        # Bases of projection="principal" loaded from a checkpoint, by layer name, until their window starts.
+        self._restored_bases: dict[str, dict[str, Any]] = {}
         self.update_rule = update_rule
         self.report = ConversionReport()
         self._window: int | None = None
@@ -244,6 +257,23 @@ class CompAct:
             if cache is not None and id(cache) not in caches_done:
                 layer.refresh_projection_cache()
                 caches_done.add(id(cache))
+            if self._restored_bases:
+                self._restore_basis(layer, window)
+
+    def _restore_basis(self, layer: CompActLinear, window: int) -> None:
+        # A checkpoint taken inside a window holds the P the interrupted run built from data
+        # that the resumed run will not see again: put it back, or the run would diverge.
+        saved = self._restored_bases.pop(layer.layer_name, None)
+        if saved is None or int(saved["window"]) != window or layer.projection != "principal":
+            return  # another window: this one's P is built from its first micro-batch, as before
+        basis, cache = saved["basis"], layer.projection_cache
+        if tuple(basis.shape) != tuple(cache.shape):
+            raise ValueError(
+                f"{layer.layer_name}: the checkpoint's principal basis has shape {tuple(basis.shape)} where this run "
+                f"needs {tuple(cache.shape)}; resume with the same rank"
+            )
+        cache.copy_(basis)
+        layer.basis_window, layer.basis_pending = window, bool(saved["pending"])
 
     def set_projection_dtype(self, dtype: torch.dtype | None) -> None:
         """Keep cached projections in ``dtype`` (e.g. the autocast dtype, so no cast per forward)."""
@@ -368,5 +398,29 @@ class CompAct:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to rebuild the same projections."""
-        return {"seed": self.config.seed, "update_proj_gap": self.update_proj_gap}
+        state: dict[str, Any] = {"seed": self.config.seed, "update_proj_gap": self.update_proj_gap}
+        bases = {
+            name: {"window": layer.basis_window, "pending": layer.basis_pending,
+                   "basis": layer.projection_cache.detach().to("cpu", copy=True)}
+            for name, layer in self.layers.items()
+            if layer.projection == "principal" and layer.projection_cache is not None and layer.basis_window is not None
+        }
+        if bases:
+            # projection="principal": P is built from data, so it is state (tensors and ints:
+            # loads with weights_only; the model's state_dict keys stay unchanged).
+            state["principal_bases"] = bases
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: its seed and T, and the principal bases of the window it was saved in.
+
+        The bases are applied at the next :meth:`step` (or :meth:`convert` of a layer made later)
+        whose window is the one they were built in; the same step then continues bit-exactly.
+        """
+        if "seed" in state and state["seed"] != self.config.seed:
+            self.set_seed(int(state["seed"]))
+        if "update_proj_gap" in state and state["update_proj_gap"] != self.update_proj_gap:
+            self.set_update_proj_gap(int(state["update_proj_gap"]))
+        self._restored_bases = dict(state.get("principal_bases", {}))
+        self._window = None  # re-derive every layer's window (and apply the bases) at the next step
 

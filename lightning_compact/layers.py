@@ -31,6 +31,7 @@ from torch import nn
 from lightning_compact._torch_private import adopt_module_hooks
 from lightning_compact.distributed import is_dtensor
 from lightning_compact.functional import GRAD_MODES, compact_linear
+from lightning_compact.principal import broadcast_basis_, principal_projection, resolve_principal_rank
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
 __all__ = [
@@ -159,6 +160,11 @@ class CompActConfig:
             in every forward and backward): ``True``, ``False``, or ``"auto"`` (kept unless
             the first training forward shows it is larger than a quarter of the
             activation memory the layer saves).
+        principal_rank: with ``projection="principal"``, k, the number of ``P``'s columns
+            taken from the top directions of the layer's input (the rest are random in
+            their complement, scaled to keep ``E[P Pᵀ] = I``; see
+            :mod:`lightning_compact.principal`): an int, or a float in (0, 1), a fraction
+            of each layer's rank; at most r − 1. Ignored by the other projections.
     """
 
     rank: int | float
@@ -169,11 +175,22 @@ class CompActConfig:
     default_exclusions: bool = True
     share_projection: bool = False
     cache_projections: bool | str = "auto"
+    principal_rank: int | float = 0.5
 
     def __post_init__(self) -> None:
         resolve_rank(self.rank, in_features=2)  # validates type and range
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        resolve_principal_rank(self.principal_rank, rank=2)  # validates type and range
+        if self.projection == "principal" and self.cache_projections is False:
+            raise ValueError(
+                "projection='principal' keeps P in the projection cache (it is built from the input and cannot be "
+                "rebuilt from a seed): use cache_projections=True or 'auto'"
+            )
+        if self.projection == "principal" and self.share_projection:
+            raise ValueError(
+                "projection='principal' finds each layer's own basis: use share_projection=False with it"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.grad_mode not in GRAD_MODES:
@@ -235,6 +252,9 @@ class CompActLinear(nn.Linear):
         new.seed_name = f"{parent}:in={in_features}" if config.share_projection else name
         new.window = 0
         new.cache_mode = config.cache_projections
+        if config.projection == "principal":
+            new.principal_k = resolve_principal_rank(config.principal_rank, rank)
+            new.cache_mode = True  # P exists only in the cache: never dropped by "auto"
         new.register_buffer(
             "projection_keys", torch.tensor(seed_keys(new.seed), dtype=torch.int32, device=linear.weight.device),
             persistent=False,
@@ -283,11 +303,46 @@ class CompActLinear(nn.Linear):
         dtype = dtype if dtype is not None else (
             self.projection_cache.dtype if self.projection_cache is not None else self.weight.dtype
         )
-        fresh = build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
+        if self.projection == "principal" and self._principal_refresh(dtype):
+            return
+        kind = "orthogonal" if self.projection == "principal" else self.projection  # principal: a seeded placeholder
+        fresh = build_projection(self.in_features, self.rank, self.projection_keys, projection=kind, dtype=dtype)
         if self.projection_cache is not None and self.projection_cache.dtype == dtype:
             self.projection_cache.copy_(fresh)
         else:
             self.projection_cache = fresh
+
+    # -- the data-dependent projection (projection="principal") --------------------------
+
+    principal_k: int = 0  # k, principal columns of P
+    basis_window: int | None = None  # the window whose P the cache holds (or will, once pending clears)
+    basis_pending: bool = False  # build P from the next training forward's input
+
+    def _principal_refresh(self, dtype: torch.dtype) -> bool:
+        # P cannot be rebuilt from the keys: a new window only marks it pending (the next
+        # training forward builds it), a dtype change keeps its values. Returns False
+        # where there is no cache yet: the caller builds a seeded placeholder (orthogonal).
+        if self.basis_window != self.window:
+            self.basis_window, self.basis_pending = self.window, True
+        cache = self.projection_cache
+        if cache is None:
+            return False
+        if cache.dtype != dtype:
+            self.projection_cache = cache.to(dtype)
+        return True
+
+    def refresh_principal_basis(self, input: torch.Tensor) -> None:
+        """Build this window's ``P = [U_k, c·Q_c]`` from ``input`` into the cache (rank 0's under torch.distributed).
+
+        Run by the first training forward of each window; traceable, so a compiled model
+        gets one extra graph for this branch (``basis_pending`` is a plain bool attribute).
+        """
+        with torch.no_grad():
+            cache = self.projection_cache
+            fresh = principal_projection(input.detach(), self.rank, self.principal_k, self.projection_keys,
+                                         dtype=cache.dtype)
+            cache.copy_(broadcast_basis_(fresh))
+        self.basis_pending = False
 
     @property
     def projection_cache_bytes(self) -> int:
@@ -403,6 +458,8 @@ class CompActLinear(nn.Linear):
             return F.linear(input, self.linear_weight(), self.bias)
         if self.cache_mode == "auto" and not torch.compiler.is_compiling():
             self._decide_cache(input)
+        if self.basis_pending:
+            self.refresh_principal_basis(input)
         return compact_linear(
             input,
             self.linear_weight(),

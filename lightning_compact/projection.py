@@ -24,9 +24,11 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DATA_DEPENDENT_PROJECTIONS",
     "DEFAULT_PROJECTION",
     "PROJECTIONS",
     "Projection",
+    "SEEDED_PROJECTIONS",
     "build_projection",
     "layer_seed",
     "make_projection",
@@ -34,8 +36,13 @@ __all__ = [
     "window_for_step",
 ]
 
-Projection = Literal["gaussian", "rademacher", "orthogonal"]
-PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthogonal")
+Projection = Literal["gaussian", "rademacher", "orthogonal", "principal"]
+PROJECTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthogonal", "principal")
+# Projections built from the layer's input (see lightning_compact.principal), not from a
+# seed alone: they cannot be rebuilt here, so a layer keeps them in its projection cache.
+DATA_DEPENDENT_PROJECTIONS: tuple[str, ...] = ("principal",)
+# Those make_projection builds from a seed alone.
+SEEDED_PROJECTIONS: tuple[str, ...] = tuple(p for p in PROJECTIONS if p not in DATA_DEPENDENT_PROJECTIONS)
 # The projection every entry point uses unless told otherwise (the one place this is decided).
 DEFAULT_PROJECTION: Projection = "gaussian"
 
@@ -158,6 +165,7 @@ def make_projection(
         raise ValueError(f"in_features and rank must be positive, got {in_features} and {rank}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    _refuse_data_dependent(projection)
     if in_features * rank > _MAX_ENTRIES:
         raise ValueError(f"a projection has at most {_MAX_ENTRIES} entries, got {in_features} x {rank}")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -192,6 +200,7 @@ def build_projection(
     layer keeps its keys in a buffer, so a new seed reaches a compiled graph as data.
     """
     global _compiled_build
+    _refuse_data_dependent(projection)
     build = _builder(keys.device)
     if build is not _build:
         try:
@@ -200,6 +209,16 @@ def build_projection(
             warnings.warn(f"lightning_compact: compiling the projection failed ({err!r}); using eager ops", stacklevel=2)
             _compiled_build = False
     return _build(in_features, rank, keys, projection, dtype)
+
+
+def _refuse_data_dependent(projection: str) -> None:
+    if projection in DATA_DEPENDENT_PROJECTIONS:
+        raise ValueError(
+            f"projection={projection!r} is built from the layer's input (lightning_compact.principal), not from a "
+            "seed: read it with CompActLinear.projection_matrix() (its projection cache), or build it with "
+            "lightning_compact.principal.principal_projection(x, rank, k, keys). (CompActAdamW's moment_carry, "
+            "which rebuilds past projections from their seeds, does not support it.)"
+        )
 
 
 def layer_seed(base_seed: int, layer_name: str, window: int) -> int:

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from lightning_compact.projection import PROJECTIONS, layer_seed, make_projection, window_for_step
+from lightning_compact.projection import SEEDED_PROJECTIONS, layer_seed, make_projection, window_for_step
 
 
-@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("projection", SEEDED_PROJECTIONS)
 def test_same_seed_gives_same_projection_and_other_seeds_differ(projection):
     a = make_projection(64, 16, 123, projection=projection)
     b = make_projection(64, 16, 123, projection=projection)
@@ -44,7 +44,7 @@ def test_rademacher_entries_are_plus_minus_one_over_sqrt_r():
     assert abs((p > 0).double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / count)
 
 
-@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("projection", SEEDED_PROJECTIONS)
 def test_expected_p_pt_is_identity(projection):
     n, r, k = 16, 8, 2000
     acc = torch.zeros(n, n, dtype=torch.float64)

@@ -146,7 +146,14 @@ class CompActCallback(Callback):
         moment_carry: beyond the paper, off by default: at each resample the swapped-in
             ``CompActAdamW`` moves the first moment into the new basis and resets each row
             of the second to its mean (see :class:`~lightning_compact.optim.CompActAdamW`;
-            RESULTS §7: better on the mean of 3 seeds, not on every seed).
+            RESULTS §7: better on the mean of 3 seeds, not on every seed). Not with
+            ``projection="principal"``.
+        principal_rank: with ``projection="principal"`` (beyond the paper, PRAC-style: each
+            window's ``P`` holds the top directions of the layer's input plus random ones in
+            their complement, see :mod:`lightning_compact.principal`), k, the number of
+            principal columns: an int, or a float in (0, 1), a fraction of each layer's rank
+            (default 0.5); at most r − 1. The bases are saved in this callback's state, so a
+            resumed run continues bit-exactly.
         update_rule: how the swapped-in ``CompActAdamW`` turns its r-space moments into the
             weight update: ``"adam"`` (default, the paper's ``N Pᵀ``), ``"channel"`` (beyond the
             paper, APOLLO-style: ``Ĝ Pᵀ`` with each output channel rescaled to the norm of the
@@ -178,6 +185,7 @@ class CompActCallback(Callback):
         share_projection: bool = False,
         cache_projections: bool | str = "auto",
         moment_carry: bool = False,
+        principal_rank: int | float = 0.5,
         update_rule: str = DEFAULT_UPDATE_RULE,
     ) -> None:
         try:
@@ -213,6 +221,7 @@ class CompActCallback(Callback):
                 share_projection=share_projection,
                 cache_projections=cache_projections,
                 moment_carry=moment_carry,
+                principal_rank=principal_rank,
                 update_rule=update_rule,
             )
         except (TypeError, ValueError) as err:
@@ -393,4 +402,5 @@ class CompActCallback(Callback):
                     self.compact.set_seed(saved)
                 else:
                     self.compact.set_update_proj_gap(saved)
+        self.compact.load_state_dict(state_dict)  # and projection="principal"'s bases
 
