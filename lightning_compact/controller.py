@@ -22,6 +22,7 @@ Under DDP, call ``compact.convert(model, ddp=True)`` before wrapping the model a
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -45,10 +46,14 @@ from lightning_compact.optim import (
     DEFAULT_UPDATE_RULE,
     UPDATE_RULES,
     CompActAdamW,
+    PENDING_BASIS,
+    compress_moments_,
+    decompress_moments_,
     put_deltas_in_place_of_weights,
+    put_weights_back,
     unsupported_reason,
 )
-from lightning_compact.projection import DEFAULT_PROJECTION, window_for_step
+from lightning_compact.projection import DEFAULT_PROJECTION, build_projection, layer_seed, seed_keys, window_for_step
 
 __all__ = ["CompAct"]
 
@@ -146,6 +151,8 @@ class CompAct:
         self.update_rule = update_rule
         self.report = ConversionReport()
         self._window: int | None = None
+        # The CompActAdamW handed out by optimizer(): restore() gives each its weights back.
+        self._optimizers: weakref.WeakSet[CompActAdamW] = weakref.WeakSet()
 
     # -- conversion ---------------------------------------------------------------------
 
@@ -207,7 +214,17 @@ class CompAct:
         broadcast_parameters([layer.weight for layer in self.compressed_layers.values()], src=src)
 
     def restore(self, module: nn.Module) -> nn.Module:
-        """Swap every converted layer of ``module`` back to ``nn.Linear`` (same Parameters); returns ``module``."""
+        """Swap every converted layer of ``module`` back to ``nn.Linear`` (same Parameters); returns ``module``.
+
+        Each optimizer made by :meth:`optimizer` gets the restored weights back in place of
+        their ``weight_delta`` (same group and position), so it keeps training them; their
+        compressed moments are decompressed at their next step (see
+        :func:`~lightning_compact.optim.decompress_moments_`: exact first moment, approximate second).
+        """
+        layers = list(self.compressed_layers.values())
+        for optimizer in list(self._optimizers):
+            put_weights_back(optimizer, layers)
+        self._optimizers = weakref.WeakSet()
         restore_linear(module)
         self.report = ConversionReport()
         self._window = None
@@ -337,7 +354,63 @@ class CompAct:
                 optimizer, scale=self.scale, layers=self.compressed_layers.values(), moment_carry=self.moment_carry,
                 update_rule=self.update_rule,
             )
+        self._optimizers.add(optimizer)
         return optimizer
+
+    def projection_at(self, layer: CompActLinear, window: int) -> torch.Tensor:
+        """``layer``'s ``P`` (``[in, rank]``, float32) in resample window ``window`` of this run's seed.
+
+        A data-dependent projection (``"principal"``) cannot be rebuilt for another window:
+        its current ``P`` is returned.
+        """
+        if layer.projection == "principal":
+            return layer.projection_matrix(dtype=torch.float32)
+        keys = torch.tensor(seed_keys(layer_seed(self.config.seed, layer.seed_name, window)), dtype=torch.int32)
+        return build_projection(layer.in_features, layer.rank, keys.to(layer.weight.device), projection=layer.projection)
+
+    def convert_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any], global_step: int) -> int:
+        """Make a checkpoint's optimizer state (``optimizer.state_dict()`` format, edited in place) fit ``optimizer``.
+
+        For a switch between CompAct's compressed mode and full-size gradients (plain
+        training, ``grad_mode="decompressed"``, another optimizer): where ``optimizer`` holds
+        a ``weight_delta`` and the checkpoint full-size moments, they are compressed with the
+        ``P`` of step ``global_step``; where it holds a converted layer's weight and the
+        checkpoint ``[out, rank]`` moments, they are decompressed with the ``P`` of the
+        checkpoint's last step (:func:`~lightning_compact.optim.compress_moments_`,
+        :func:`~lightning_compact.optim.decompress_moments_`: exact first moment, approximate
+        second, with a warning). Parameters are matched by position, as torch's
+        ``load_state_dict`` does. Returns how many states were converted.
+        """
+        by_weight = {id(layer.weight): layer for layer in self.layers.values()}
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        current = [p for group in optimizer.param_groups for p in group["params"]]
+        converted = 0
+        deltas = {id(layer.weight_delta): layer for layer in self.compressed_layers.values()}
+        for index, p in zip(saved, current):
+            state = state_dict["state"].get(index)
+            moments = state.get("exp_avg") if state else None
+            if moments is None:
+                continue
+            delta_of, layer = deltas.get(id(p)), by_weight.get(id(p))
+            if PENDING_BASIS in state:  # saved after a restore: still compressed, with the P they are in
+                if delta_of is not None and moments.shape == p.shape:
+                    del state[PENDING_BASIS]
+                elif delta_of is None:
+                    decompress_moments_(state, p)
+                    converted += 1
+                continue
+            if moments.shape == p.shape:
+                continue
+            if delta_of is not None and moments.numel() == delta_of.weight.numel():
+                proj = self.projection_at(delta_of, self.window(global_step)).to(moments.device)
+                compress_moments_(state, p, proj)
+            elif layer is not None and tuple(moments.shape) == (layer.out_features, layer.rank):
+                proj = self.projection_at(layer, self.window(max(global_step - 1, 0))).to(moments.device)
+                decompress_moments_(state, p, proj)
+            else:
+                continue
+            converted += 1
+        return converted
 
     @torch.no_grad()
     def decompress_grads_(self) -> None:

@@ -54,6 +54,7 @@ for a user's Adam/AdamW.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,7 +68,19 @@ from lightning_compact.distributed import DTensor, add_decompressed_, is_dtensor
 from lightning_compact.layers import CompActLinear, delta_owner, live_deltas
 from lightning_compact.projection import build_projection, seed_keys
 
-__all__ = ["DEFAULT_SCALE", "DEFAULT_UPDATE_RULE", "UPDATE_RULES", "CompActAdamW", "put_deltas_in_place_of_weights", "rebind_lr_scheduler", "unsupported_reason"]
+__all__ = [
+    "DEFAULT_SCALE",
+    "DEFAULT_UPDATE_RULE",
+    "PENDING_BASIS",
+    "UPDATE_RULES",
+    "CompActAdamW",
+    "compress_moments_",
+    "decompress_moments_",
+    "put_deltas_in_place_of_weights",
+    "put_weights_back",
+    "rebind_lr_scheduler",
+    "unsupported_reason",
+]
 
 # α, the scale of the decompressed update. With P ~ N(0, 1/r) the entries of N Pᵀ have
 # the magnitude of a full-rank Adam step, so α = 1 keeps the meaning of a learning rate
@@ -230,6 +243,8 @@ class CompActAdamW(Optimizer):
                         f"{layer.layer_name}: its weight received a full-size .grad besides the compressed one (is it "
                         "used outside its CompActLinear, e.g. tied to an embedding?); exclude that layer from CompAct"
                     )
+                if layer is None and PENDING_BASIS in self.state.get(p, ()):
+                    decompress_moments_(self.state[p], p)  # a weight restored after CompAct (see put_weights_back)
                 params.append(p)
                 grads.append(p.grad)
                 targets.append(layer.weight if layer is not None else p)
@@ -335,15 +350,19 @@ class CompActAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then check that each moment has its parameter's shape (same mode and rank as when saved)."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                moments = self.state.get(p, {}).get("exp_avg")
-                if moments is not None and moments.shape != p.shape:
-                    raise ValueError(
-                        f"The checkpoint's optimizer moments have shape {tuple(moments.shape)} where this run needs "
-                        f"{tuple(p.shape)}: it was saved with another CompAct gradient mode or rank. Resume with the "
-                        "same settings."
-                    )
+        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            state = self.state.get(p, {})
+            moments = state.get("exp_avg")
+            if moments is None or moments.shape == p.shape or PENDING_BASIS in state:
+                continue
+            layer = delta_owner(p)
+            what = f"the compressed gradient of {layer.layer_name!r}" if layer is not None else "a parameter"
+            raise ValueError(
+                f"The checkpoint's optimizer state for parameter #{index} ({what}, shape {tuple(p.shape)}) has moments "
+                f"of shape {tuple(moments.shape)}: the checkpoint was saved with another CompAct rank, or its optimizer "
+                "listed the parameters in another order. Resume with the rank it was saved with; a switch between "
+                "CompAct and plain training is converted by CompActCallback (or CompAct.convert_optimizer_state)."
+            )
 
 
 def _check_update_rule(update_rule: object) -> None:
@@ -437,6 +456,89 @@ def put_deltas_in_place_of_weights(groups: list[dict[str, Any]], layers: Iterabl
             elif id(p) not in moved:  # a δ listed on its own yields to its weight's place
                 params.append(p)
         group["params"] = params
+
+
+# The state key of a weight whose moments are still compressed (put back by
+# put_weights_back): the P ([n, r]) they are in, decompressed at the weight's next step.
+PENDING_BASIS = "compact_projection"
+
+
+def _approximation_warning(what: str) -> None:
+    warnings.warn(
+        f"lightning_compact: {what}; the first moment is converted exactly (M·Pᵀ from compressed, M·P to compressed), "
+        "the second only approximately (each row keeps its total: compressed V[i,k] ≈ Σ_j V[i,j]/r, full "
+        "V[i,j] ≈ Σ_k V[i,k]/n), so the first steps after the switch are not those of an uninterrupted run.",
+        stacklevel=3,
+    )
+
+
+@torch.no_grad()
+def decompress_moments_(state: dict[str, Any], weight: torch.Tensor, proj: torch.Tensor | None = None) -> None:
+    """Turn a compressed Adam state (``[m, r]`` moments) into the state of the full weight, in place.
+
+    ``M ← M Pᵀ`` is exact (the EMA of ``Ĝ Pᵀ``, the unbiased gradient estimate); the second
+    moment has no exact decompression: each row's total is kept, ``V[i, j] ← Σ_k V[i, k] / n``
+    (since ``E Σ_k Ĝ[i, k]² = ‖G[i]‖²``). ``proj`` defaults to the state's pending ``P``. A
+    weight stored ``[n, m]`` (``Conv1D``) gets the transposed moments.
+    """
+    proj = state.pop(PENDING_BASIS) if proj is None else proj
+    state.pop("projection_keys", None)  # moment_carry's record of the compressed basis
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if is_dtensor(weight) or is_dtensor(m):  # row shards of a sharded run: start over (rare: CompAct was switched off)
+        state.clear()
+        return
+    n = proj.shape[0]
+    full_m = m.to(proj.dtype) @ proj.t()
+    full_v = (v.sum(dim=-1, keepdim=True) / n).expand_as(full_m)
+    if tuple(weight.shape) != tuple(full_m.shape):
+        full_m, full_v = full_m.t(), full_v.t()
+    state["exp_avg"] = full_m.to(weight.dtype).contiguous()
+    state["exp_avg_sq"] = full_v.to(weight.dtype).contiguous()
+    _approximation_warning("Adam moments kept compressed by CompAct were decompressed to full size")
+
+
+@torch.no_grad()
+def compress_moments_(state: dict[str, Any], delta: torch.Tensor, proj: torch.Tensor) -> None:
+    """Turn a full weight's Adam state (``[m, n]``, or ``[n, m]``) into compressed ``[m, r]`` moments, in place.
+
+    ``M ← M P`` is exact (the EMA of ``G P = Ĝ``); ``V[i, k] ← Σ_j V[i, j] / r`` keeps each
+    row's expected total (``E Ĝ[i, k]² = ‖G[i]‖² / r``).
+    """
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if m.shape[-1] != proj.shape[0]:  # stored [in, out] (Conv1D)
+        m, v = m.t(), v.t()
+    r = proj.shape[1]
+    state["exp_avg"] = (m.to(proj.dtype) @ proj).to(delta.dtype).contiguous()
+    state["exp_avg_sq"] = (v.sum(dim=-1, keepdim=True) / r).expand(-1, r).to(delta.dtype).contiguous()
+    _approximation_warning("full-size Adam moments were compressed for CompAct")
+
+
+def put_weights_back(optimizer: Optimizer, layers: Iterable[CompActLinear]) -> int:
+    """Undo :func:`put_deltas_in_place_of_weights` before ``layers`` are restored to plain layers.
+
+    Each ``δ`` of ``optimizer`` gives its place (group and position) back to its weight, so a
+    later step updates the restored weight from its ``.grad``. The moments follow, still
+    compressed, with the ``P`` they are in; :class:`CompActAdamW` decompresses them at the
+    weight's next step (:func:`decompress_moments_`), so nothing full-size is allocated
+    unless the optimizer is used again. Returns how many were put back.
+    """
+    by_delta = {id(layer.weight_delta): layer for layer in layers if layer.weight_delta is not None}
+    moved = 0
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            layer = by_delta.get(id(p))
+            if layer is None:
+                params.append(p)
+                continue
+            params.append(layer.weight)
+            moved += 1
+            state = optimizer.state.pop(p, None)
+            if state and "exp_avg" in state:
+                state[PENDING_BASIS] = layer.projection_matrix(dtype=torch.float32).detach().clone()
+                optimizer.state[layer.weight] = state
+        group["params"] = params
+    return moved
 
 
 def _basis_change(in_features: int, rank: int, old_keys: torch.Tensor, new_keys: torch.Tensor, projection: str) -> torch.Tensor:

@@ -66,9 +66,12 @@ def test_gradients_and_moments_of_converted_weights_hold_r_times_m_elements(tmp_
         r, m = layer.rank, layer.out_features
         assert layer.weight.grad is None
         assert layer.weight_delta.grad.numel() == r * m
-        state = opt.state[layer.weight_delta]
+        # After fit the optimizer holds the restored weight again, its moments still compressed
+        # (r·m elements) until it is stepped again (then decompressed: CompAct.restore).
+        assert layer.weight_delta not in opt.state
+        state = opt.state[layer.weight]
         assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == r * m
-        assert layer.weight not in opt.state
+        assert state["compact_projection"].shape == (layer.in_features, r)
     lm_head = module.model.lm_head.weight  # not converted: full-size gradient and moments
     assert lm_head.grad.shape == lm_head.shape and opt.state[lm_head]["exp_avg"].shape == lm_head.shape
 

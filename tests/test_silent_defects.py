@@ -267,3 +267,60 @@ def test_a_float_base_seed_for_a_layer_is_refused():
     convert_to_compact(model, config=CompActConfig(rank=4, default_exclusions=False))
     with pytest.raises(TypeError, match="base_seed must be an int"):
         model[0].set_window(1, base_seed=2.0)
+
+
+# -- 4. the optimizer after restore ------------------------------------------------------------
+
+
+def test_the_optimizer_keeps_training_the_weights_after_restore_with_the_first_moment_decompressed():
+    model = _mlp()
+    compact = CompAct(rank=4, update_proj_gap=100, default_exclusions=False)
+    compact.convert(model)
+    opt = compact.optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    _train(model, opt, compact, steps=5)
+    layer = model[0]
+    m_compressed = opt.state[layer.weight_delta]["exp_avg"].clone()
+    p = layer.projection_matrix(dtype=torch.float64)
+    compact.restore(model)
+    assert type(model[0]) is nn.Linear and model[0].weight is layer.weight
+    assert [id(q) for q in opt.param_groups[0]["params"]][:2] == [id(model[0].weight), id(model[0].bias)]
+    before = model[0].weight.detach().clone()
+    x, y = _batches(1, seed=9)[0]
+    (model(x) - y).pow(2).mean().backward()
+    with pytest.warns(UserWarning, match="decompressed to full size"):
+        opt.step()
+    assert not torch.equal(model[0].weight, before)  # the restored weight is trained again
+    # Its first moment continued from M·Pᵀ (float64 reference): exp_avg = β₁·M·Pᵀ + (1 − β₁)·G.
+    g = model[0].weight.grad.double()
+    expected = 0.9 * (m_compressed.double() @ p.t()) + 0.1 * g
+    got = opt.state[model[0].weight]["exp_avg"].double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    assert opt.state[model[0].weight]["exp_avg_sq"].shape == model[0].weight.shape
+
+
+# -- 6. optimizer state across a switch of gradient mode --------------------------------------
+
+
+def test_moments_convert_exactly_between_compressed_and_full_for_the_first_moment():
+    from lightning_compact.optim import compress_moments_, decompress_moments_
+
+    g = torch.Generator().manual_seed(0)
+    full = {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 16, generator=g), "exp_avg_sq": torch.rand(8, 16, generator=g)}
+    p = make_projection(16, 4, 5, dtype=torch.float64).float()
+    delta = torch.zeros(8, 4)
+    state = {k: v.clone() for k, v in full.items()}
+    with pytest.warns(UserWarning, match="compressed for CompAct"):
+        compress_moments_(state, delta, p)
+    assert state["exp_avg"].shape == (8, 4)
+    ref = full["exp_avg"].double() @ p.double()
+    assert ((state["exp_avg"].double() - ref).norm() / ref.norm()).item() < 1e-6
+    # The second moment's approximation keeps each row's total (E Σ_k Ĝ[i,k]² = ‖G[i]‖²), both ways.
+    assert torch.allclose(state["exp_avg_sq"].sum(-1), full["exp_avg_sq"].sum(-1), rtol=1e-5)
+    weight = torch.zeros(8, 16)
+    with pytest.warns(UserWarning, match="decompressed to full size"):
+        decompress_moments_(state, weight, p)
+    assert state["exp_avg"].shape == (8, 16)
+    ref = (full["exp_avg"].double() @ p.double()) @ p.double().t()
+    assert ((state["exp_avg"].double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert torch.allclose(state["exp_avg_sq"].sum(-1), full["exp_avg_sq"].sum(-1), rtol=1e-5)
+    assert torch.equal(state["step"], full["step"])

@@ -8,6 +8,7 @@ plain PyTorch and Fabric loops as well.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -329,6 +330,31 @@ class CompActCallback(Callback):
         self.compact.set_projection_dtype(_AUTOCAST_DTYPES.get(str(trainer.precision)))
         rank_zero_info(self.format_table(_activation_bytes(trainer)))
         self.compact.step(trainer.global_step)
+        self._fit_trainer = weakref.ref(trainer)  # load_state_dict gets no trainer (strategies restoring after setup)
+        self._fit_optimizer_states(trainer)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the optimizer states from this very dict after on_fit_start (or, for
+        # strategies restoring after setup, right after this hook and load_state_dict): they
+        # are converted once the swapped optimizers exist and the checkpoint's seed is adopted.
+        self._checkpoint = checkpoint
+        if self._started_trainer() is not None and self.state_key not in checkpoint.get("callbacks", {}):
+            self._fit_optimizer_states(trainer)
+
+    def _started_trainer(self) -> pl.Trainer | None:
+        ref = getattr(self, "_fit_trainer", None)
+        return ref() if ref is not None else None
+
+    def _fit_optimizer_states(self, trainer: pl.Trainer) -> None:
+        """Convert the checkpoint's optimizer states across a switch of gradient mode (CompAct on/off)."""
+        checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
+        if checkpoint is None:
+            return
+        step = int(checkpoint.get("global_step", 0))
+        for optimizer, state in zip(trainer.strategy.optimizers, checkpoint.get("optimizer_states") or ()):
+            if isinstance(state, dict) and "state" in state and "param_groups" in state:
+                self.compact.convert_optimizer_state(optimizer, state, step)
 
     def _swap_optimizers(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
@@ -372,7 +398,10 @@ class CompActCallback(Callback):
         self._restore(pl_module)
 
     def _restore(self, pl_module: pl.LightningModule) -> None:
-        # The module leaves fit as it came: plain nn.Linear layers, same Parameters.
+        # The module leaves fit as it came: plain nn.Linear layers, same Parameters (and the
+        # swapped optimizers hold the weights again, see CompAct.restore).
+        self._fit_trainer = None
+        self._checkpoint = None
         if self.compact.layers:
             self.compact.restore(pl_module)
 
@@ -385,10 +414,45 @@ class CompActCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.compact.state_dict(), "rank": self.rank, "projection": self.compact.config.projection}
+        ranks = {name: layer.rank for name, layer in self.layers.items()}
+        return {**self.compact.state_dict(), "rank": self.rank, "projection": self.compact.config.projection,
+                "scale": self.scale, "layer_ranks": ranks}
+
+    def _check_saved_settings(self, saved: dict[str, Any]) -> None:
+        # The optimizer's compressed moments live in the space of the checkpoint's projection
+        # and rank: another one would mix bases silently or fail on shapes, so it is refused.
+        projection = self.compact.config.projection
+        if saved.get("projection", projection) != projection:
+            raise MisconfigurationException(
+                f"CompActCallback(projection={projection!r}): the checkpoint was saved with "
+                f"projection={saved['projection']!r}, and its optimizer moments live in that projection's space. "
+                f"Resume with projection={saved['projection']!r}, or start a new fit from the weights alone "
+                "(load the model's state_dict, no ckpt_path)."
+            )
+        ranks = saved.get("layer_ranks")
+        if ranks is not None:
+            differ = [(n, r, self.layers[n].rank) for n, r in ranks.items() if n in self.layers and self.layers[n].rank != r]
+        else:  # a checkpoint of 0.2: only the configured rank was saved
+            differ = [("every layer", saved["rank"], self.rank)] if saved.get("rank", self.rank) != self.rank else []
+        if differ:
+            name, theirs, mine = differ[0]
+            raise MisconfigurationException(
+                f"CompActCallback(rank={self.rank!r}): {name} gets rank {mine} where the checkpoint's has {theirs}, "
+                f"so its optimizer moments do not fit. Resume with rank={saved.get('rank')!r} as the checkpoint "
+                "was saved, or start a new fit from the weights alone (load the model's state_dict, no ckpt_path)."
+            )
+        scale = saved.get("scale", self.scale)
+        if scale != self.scale:
+            # Like lr, α is restored with the optimizer's param groups: say so and agree with them.
+            rank_zero_warn(
+                f"CompActCallback: scale={self.scale} differs from the checkpoint's {scale}; continuing with the "
+                "checkpoint's value (the optimizer's param groups restore it, as they restore lr)."
+            )
+            self.compact.scale = float(scale)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_saved_settings(state_dict)
         # The checkpoint's schedule wins, so the resumed run reuses the same projections.
         for key in ("seed", "update_proj_gap"):
             mine = getattr(self, key)
@@ -403,4 +467,7 @@ class CompActCallback(Callback):
                 else:
                     self.compact.set_update_proj_gap(saved)
         self.compact.load_state_dict(state_dict)  # and projection="principal"'s bases
+        trainer = self._started_trainer()
+        if trainer is not None:  # a strategy that restores after setup: the optimizers exist already
+            self._fit_optimizer_states(trainer)
 
