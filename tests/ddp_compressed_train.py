@@ -49,12 +49,12 @@ def rank_loader(rank: int) -> DataLoader:
     return DataLoader(TensorDataset(tokens[rank::WORLD]), batch_size=LOCAL_BATCH, shuffle=False)
 
 
-def main(out_dir: Path, optimizer: str, update_rule: str = "adam") -> None:
+def main(out_dir: Path, optimizer: str, update_rule: str = "adam", projection: str = "gaussian") -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.manual_seed(rank)
     module = PlainLM(optimizer=optimizer)
 
-    cb = CompActCallback(rank=4, update_proj_gap=2, update_rule=update_rule)
+    cb = CompActCallback(rank=4, update_proj_gap=2, update_rule=update_rule, projection=projection)
 
     # Count the elements of compressed gradients that DDP's reducer sends, per step.
     sent: dict[int, int] = {}
@@ -78,10 +78,11 @@ def main(out_dir: Path, optimizer: str, update_rule: str = "adam") -> None:
             "ignored_by_ddp": recorder.ignored,
             "converted": sorted(f"{name}.weight" for name in cb.layers),
             "compressed": sorted(f"{name}.weight" for name in cb.compressed_layers),
+            "projections": {name: layer.projection_matrix().clone() for name, layer in cb.layers.items()},
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:])  # out_dir, optimizer[, update_rule]
+    main(Path(sys.argv[1]), *sys.argv[2:])  # out_dir, optimizer[, update_rule[, projection]]

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from helpers import TINY_LLAMA, PlainLM, make_trainer, token_loader
+from helpers import TINY_LLAMA, PlainLM, make_trainer, run_two_ranks, token_loader
 from lightning_compact import CompAct, CompActCallback
 from lightning_compact.layers import CompActConfig
 from lightning_compact.models.llama import LlamaForCausalLM
@@ -268,3 +268,19 @@ def test_compiled_fullgraph_matches_eager_with_one_extra_graph_for_the_refresh()
     assert backend.graphs == 2  # one with the basis refresh, one without; no graph per window
     for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
         assert rel_err(b, a) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_share_rank_zeros_basis(tmp_path):
+    """Each rank sees other micro-batches; the basis is rank 0's everywhere, so the runs stay identical."""
+    r0, r1 = run_two_ranks("ddp_compressed_train.py", tmp_path, "adamw", "adam", "principal", port_base=30700)
+    assert r0["sent"] == [r0["compressed_numel"]] * 3  # DDP reduced Ĝ (r·m per weight), not full gradients
+    assert set(r0["projections"]) == {name.removesuffix(".weight") for name in r0["converted"]}
+    for name, p in r0["projections"].items():
+        assert torch.equal(p, r1["projections"][name]), name
+        # Built from data (window 1's), not the seeded orthogonal placeholder both ranks start from.
+        n, r = p.shape
+        k = resolve_principal_rank(0.5, r)
+        assert rel_err(p.t() @ p, torch.diag(torch.tensor([1.0] * k + [(n - k) / (r - k)] * (r - k)))) < 1e-5
+    for name, w in r0["state"].items():
+        assert torch.equal(w, r1["state"][name]), name
