@@ -503,7 +503,19 @@ def summarize(found: dict[str, dict[str, Any]], memory: dict[str, dict[str, Any]
     base = found.get("adamw")
     base_mem = memory.get("adamw", {}).get("memory")
     rows = []
-    for label, f in found.items():
+    for label in [*found, *(m for m in memory if m not in found)]:
+        mem = memory.get(label, {})
+        if label not in found:  # measured, not trained (yet)
+            row = {"method": label, "not_trained": True, "seeds": [], "sweep": {}}
+            if "memory" in mem:
+                row["memory"] = mem["memory"]
+                if base_mem:
+                    row["total_memory_ratio"] = mem["memory"]["total"] / base_mem["total"]
+            if "step_time_ratio" in mem:
+                row["step_time_ratio"] = mem["step_time_ratio"]
+            rows.append(row)
+            continue
+        f = found[label]
         seeds = sorted(f["seeds"])
         losses = [f["seeds"][k]["val_loss"] for k in seeds]
         row: dict[str, Any] = {
@@ -517,7 +529,6 @@ def summarize(found: dict[str, dict[str, Any]], memory: dict[str, dict[str, Any]
             if paired:
                 row["vs_adamw_mean_pct"] = statistics.fmean(paired.values())
                 row["vs_adamw_worst_pct"] = max(paired.values())
-        mem = memory.get(label, {})
         if "memory" in mem:
             row["memory"] = mem["memory"]
             if base_mem:
@@ -538,8 +549,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         per_seed = ", ".join(f"{v:+.1f}" for v in r.get("vs_adamw_pct", {}).values())
         m = r.get("memory", {})
+        trained = not r.get("not_trained")
         cells = [
-            r["method"], f"{r['best_lr']:g}", str(len(r["seeds"])), f"{r['val_loss_mean']:.4f}",
+            r["method"], f"{r['best_lr']:g}" if trained else "not trained", str(len(r["seeds"])),
+            f"{r['val_loss_mean']:.4f}" if trained else "–",
             f"{r['vs_adamw_mean_pct']:+.1f}%" if "vs_adamw_mean_pct" in r else "–",
             f"{r['vs_adamw_worst_pct']:+.1f}%" if "vs_adamw_worst_pct" in r else "–",
             per_seed or "–",
@@ -555,6 +568,8 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
     lrs = sorted({float(k) for r in rows for k in r["sweep"]})
     lines = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for r in rows:
+        if r.get("not_trained"):
+            continue
         cells = []
         for lr in lrs:
             v = r["sweep"].get(f"{lr:g}")
@@ -572,7 +587,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(rows):
-        if "memory" not in r or not math.isfinite(r["val_loss_mean"]):
+        if "memory" not in r or r.get("not_trained") or not math.isfinite(r["val_loss_mean"]):
             continue
         x = r["memory"]["total"] / MIB
         losses = list(r["val_loss"].values())
@@ -601,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--resume", action="store_true", help="skip runs (and the measurement) already on disk")
     parser.add_argument("--report-only", action="store_true", help="summarize what is on disk")
+    parser.add_argument("--measure-only", action="store_true", help="measure memory and step time, train nothing")
     args = parser.parse_args(argv)
 
     s = QUICK if args.quick else Settings()
@@ -639,12 +655,12 @@ def main(argv: list[str] | None = None) -> int:
             fresh.pop("adamw", None)
         memory.update(fresh)
         write_json(measure_path, {"provenance": provenance("cpu", argv), "settings": dataclasses.asdict(s), "methods": memory})
-    if not args.report_only:
+    if not args.report_only and not args.measure_only:
         print(f"training: {len(labels)} methods, sweep {lrs} on seed {seeds[0]}, then seeds {seeds[1:]}; {args.jobs} at a time",
               flush=True)
         schedule(labels, lrs, seeds, s, out, args.jobs, max_extend, args.resume)
     found = collect(labels, s, out)
-    rows = summarize(found, memory)
+    rows = summarize(found, {k: v for k, v in memory.items() if k in labels})
     title = (f"KJV bytes, LLaMA d={s.hidden}x{s.layers}, {s.steps} steps of {s.batch_size}x{s.seq_len}, fp32 CPU; "
              f"each method at its best lr (sweep on seed {seeds[0]}); mean of seeds")
     stem = "peers_quick" if args.quick else "peers"
