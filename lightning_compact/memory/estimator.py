@@ -81,7 +81,10 @@ __all__ = [
     "estimate_variants",
     "forward_backward",
     "main",
+    "parse_args",
+    "ranks_and_modes",
     "recipe_variant",
+    "run_estimate",
     "variants",
 ]
 

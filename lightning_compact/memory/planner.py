@@ -200,7 +200,8 @@ def plan(
     Args:
         shape: the recipe; its ``batch_size x accumulate_grad_batches`` is the global batch kept.
         budget: bytes of device memory.
-        ranks, modes: CompAct settings to try (CompAct off is always tried).
+        ranks: CompAct ranks to try (CompAct off is always tried).
+        modes: CompAct gradient modes to try.
         lean: lean activations off and/or on.
         checkpointing: granularities to try (``None``: none); default none and every registered one.
         micro_batches: micro-batch sizes to consider (default: the global batch's divisors).
