@@ -20,9 +20,18 @@ at r = n/4 and n/8. The JSON keeps every (layer, rank, projection) row with the 
 RMS and mean of ``e`` and the theory's RMS, so the estimator's variance formula is checked
 on real activations too.
 
+``--loss-steps N`` instead runs the quick loss check: peers.py's training run (same init,
+batches and validation blocks for every method; linear warm-up then cosine) at r = n/4 for
+the Gaussian, orthogonal and principal projections (CompActAdamW, T=50) at one ``--lr``,
+plus ``principal_c_step``: the principal columns scaled by c too (``P = c·[U_k, Q_c]``),
+which Adam's per-coordinate normalisation leaves ``N`` unchanged by, so that every direction
+of the update ``N Pᵀ`` gets the step c instead of 1 for the principal ones (a biased
+``E[P Pᵀ]``, only meaningful in compressed mode). Results in ``loss_check.json``.
+
 Usage::
 
     python benchmarks/projection_variance.py [--draws 8] [--warm-steps 80] [--out DIR]
+    python benchmarks/projection_variance.py --loss-steps 200 --lr 3e-3
 """
 
 from __future__ import annotations
@@ -77,9 +86,14 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--loss-steps", type=int, help="run the quick loss check for this many steps instead")
+    parser.add_argument("--loss-methods", default="compact_n4,compact_n4_orth,compact_n4_principal,principal_c_step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
+    if args.loss_steps:
+        loss_check(args, started)
+        return
 
     from peers import Settings, _config, batch_order, load_blocks
 
@@ -145,6 +159,42 @@ def main() -> None:
     result = {"provenance": provenance(), "args": {k: str(v) for k, v in vars(args).items()},
               "seconds": time.perf_counter() - started, "rows": rows, "summary": summary}
     write_json(args.out / "projection_variance.json", result)
+
+
+def loss_check(args: argparse.Namespace, started: float) -> None:
+    """Final validation loss of each projection at r = n/4 (one seed, one lr); see the module docstring."""
+    import math as _math
+
+    from peers import METHODS, Method, Settings, load_blocks, train
+
+    from lightning_compact.layers import CompActLinear
+
+    s = Settings(steps=args.loss_steps)
+    data = load_blocks(s)
+    original = CompActLinear.refresh_principal_basis
+    results = []
+    for label in args.loss_methods.split(","):
+        if label == "principal_c_step":
+            method = Method(label, "compact", dict(METHODS["compact_n4_principal"].options))
+
+            def scaled(self: CompActLinear, input: torch.Tensor) -> None:
+                original(self, input)
+                n, r, k = self.in_features, self.rank, self.principal_k
+                with torch.no_grad():
+                    self.projection_cache[:, :k] *= _math.sqrt((n - k) / (r - k))
+
+            CompActLinear.refresh_principal_basis = scaled
+        else:
+            method = METHODS[label]
+        try:
+            result = train(method, 0, args.lr, s, data)
+        finally:
+            CompActLinear.refresh_principal_basis = original
+        results.append(result)
+        print(f"  {label}: val {result['val_loss']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "loss_check.json", {"provenance": provenance(), "args": {k: str(v) for k, v in vars(args).items()},
+                                              "seconds": time.perf_counter() - started, "runs": results})
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:

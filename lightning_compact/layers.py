@@ -143,7 +143,9 @@ class CompActConfig:
     Attributes:
         rank: int (absolute) or float in (0, 1) (fraction of each layer's ``in_features``).
         projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (its QR: lower variance at the same
-            rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`) or ``"rademacher"``.
+            rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`), ``"rademacher"``
+            or ``"principal"`` (the input's top directions plus a random complement, built from data each
+            window; see :mod:`lightning_compact.principal` and ``principal_rank``).
         seed: base seed; each layer's seed mixes it with the layer's name and the window.
         grad_mode: ``"decompressed"`` (full-size ``weight.grad``, any optimizer) or
             ``"compressed"`` (``Ĝ`` in ``weight_delta.grad``, for

@@ -38,6 +38,16 @@ draw, as for the paper's seeded ``P`` held for ``T`` steps. Under ``torch.distri
 ``P`` of rank 0 is broadcast to every rank (:func:`broadcast_basis_`), so all ranks use the
 same ``P`` although their micro-batches differ.
 
+**The update in CompActAdamW.** Adam normalises each r-space coordinate by its own second
+moment, so scaling a column of ``P`` scales ``Ĝ``'s coordinate but leaves ``N = M̂/(√V̂+ε)``
+unchanged; the scale reappears only in the update ``N Pᵀ = N_k U_kᵀ + c·N_c Q_cᵀ``. Each
+principal direction thus gets a step of 1 (per coordinate of ``N``), each random one c, where
+the Gaussian and orthogonal projections give all r directions √(n/r). The total
+``‖N Pᵀ‖² ≈ m(k + c²(r − k)) = m·n`` equals theirs, so a learning rate keeps its meaning; the
+split follows the same rule as theirs (a block standing for d of the n dimensions with j
+columns steps √(d/j)). The paper's ``N Pᵀ`` is kept; ``benchmarks/projection_variance.py
+--loss-steps`` compares it with a step of c for the principal directions too.
+
 Nothing here knows layers: :class:`~lightning_compact.layers.CompActLinear` calls
 :func:`principal_projection` at its first training forward of a window and keeps the result
 in its projection cache (which is therefore also what checkpoints carry).

@@ -156,6 +156,8 @@ def make_projection(
             paper: the Gaussian's QR, orthonormal columns scaled by √(n/r); lower variance
             of the gradient estimate at the same rank, one QR per build) or ``"rademacher"`` (±1/√r:
             cheaper to build, exactly identical on every device).
+            (``"principal"`` is built from data, not from a seed: it raises here; see
+            :mod:`lightning_compact.principal`.)
         device: where to build it (no host-device copy is made).
         dtype: the result's dtype. Gaussian values are computed in float64 when
             ``dtype`` is float64, else in float32, then cast. Each entry carries 24

@@ -284,3 +284,18 @@ def test_two_process_ddp_ranks_share_rank_zeros_basis(tmp_path):
         assert rel_err(p.t() @ p, torch.diag(torch.tensor([1.0] * k + [(n - k) / (r - k)] * (r - k)))) < 1e-5
     for name, w in r0["state"].items():
         assert torch.equal(w, r1["state"][name]), name
+
+
+def test_cli_keys_reach_the_layers():
+    from pathlib import Path
+
+    from lightning_compact.cli import CompActCLI
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "pretrain_llama_tiny.yaml"
+    cli = CompActCLI(args=["--config", str(recipe), "--compact.projection=principal", "--compact.principal_rank=3"],
+                     run=False)
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, CompActCallback)]
+    assert cb.compact.config.projection == "principal" and cb.compact.config.principal_rank == 3
+    model = _mlp()
+    cb.compact.convert(model)
+    assert cb.compact.layers and all(layer.principal_k == min(3, layer.rank - 1) for layer in cb.compact.layers.values())
