@@ -36,7 +36,8 @@ window's other micro-batches and steps (one ``P`` per optimizer step, as gradien
 accumulation needs); unbiasedness holds exactly for gradients independent of the complement
 draw, as for the paper's seeded ``P`` held for ``T`` steps. Under ``torch.distributed`` the
 ``P`` of rank 0 is broadcast to every rank (:func:`broadcast_basis_`), so all ranks use the
-same ``P`` although their micro-batches differ.
+same ``P`` although their micro-batches differ. (Tested with 2 gloo processes under DDP; under
+FSDP2 and under ``torch.compile`` together with torch.distributed, not yet.)
 
 **The update in CompActAdamW.** Adam normalises each r-space coordinate by its own second
 moment, so scaling a column of ``P`` scales ``Ĝ``'s coordinate but leaves ``N = M̂/(√V̂+ε)``
