@@ -348,8 +348,16 @@ class CompActAdamW(Optimizer):
                 add_decompressed_(w, update, proj, alpha=-step_sizes[i] * group["scale"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then check that each moment has its parameter's shape (same mode and rank as when saved)."""
+        """Load, then check that each moment has its parameter's shape (same mode and rank as when saved).
+
+        Group entries the checkpoint lacks (``scale``, ``update_rule``: a checkpoint of torch's
+        AdamW, resumed with CompAct) keep this optimizer's values.
+        """
+        before = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for mine, group in zip(before, self.param_groups):
+            for key, value in mine.items():
+                group.setdefault(key, value)
         for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
             state = self.state.get(p, {})
             moments = state.get("exp_avg")

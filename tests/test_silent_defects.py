@@ -10,11 +10,23 @@ import pickle
 
 import pytest
 import torch
+from helpers import PlainLM, make_trainer, token_loader
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_compact import CompAct, CompActAdamW, CompActConfig, CompActLinear, compact_linear, convert_to_compact
+from lightning_compact import (
+    CompAct,
+    CompActAdamW,
+    CompActCallback,
+    CompActConfig,
+    CompActLinear,
+    compact_linear,
+    convert_to_compact,
+)
 from lightning_compact.layers import conversion_report, delta_owner, restore_linear
-from lightning_compact.projection import layer_seed, make_projection
+from lightning_compact.optim import compress_moments_, decompress_moments_
+from lightning_compact.projection import build_projection, layer_seed, make_projection, seed_keys
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -302,8 +314,6 @@ def test_the_optimizer_keeps_training_the_weights_after_restore_with_the_first_m
 
 
 def test_moments_convert_exactly_between_compressed_and_full_for_the_first_moment():
-    from lightning_compact.optim import compress_moments_, decompress_moments_
-
     g = torch.Generator().manual_seed(0)
     full = {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 16, generator=g), "exp_avg_sq": torch.rand(8, 16, generator=g)}
     p = make_projection(16, 4, 5, dtype=torch.float64).float()
@@ -324,3 +334,84 @@ def test_moments_convert_exactly_between_compressed_and_full_for_the_first_momen
     assert ((state["exp_avg"].double() - ref).norm() / ref.norm()).item() < 1e-6
     assert torch.allclose(state["exp_avg_sq"].sum(-1), full["exp_avg_sq"].sum(-1), rtol=1e-5)
     assert torch.equal(state["step"], full["step"])
+
+
+# -- 5 and 6. resume across settings and gradient modes (the callback) ---------------------------
+
+
+def _fit_with_checkpoint(tmp_path, callbacks, steps: int = 2):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=steps, save_top_k=0)
+    module = PlainLM()
+    trainer = make_trainer(tmp_path, [*callbacks, ckpt], max_steps=steps, enable_checkpointing=True)
+    trainer.fit(module, token_loader())
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+class _MomentsAtTrainStart(Callback):
+    """Records, at on_train_start (after Lightning loaded the optimizer states), the first moment of q_proj."""
+
+    def on_train_start(self, trainer, pl_module):
+        layer = pl_module.model.model.layers[0].self_attn.q_proj
+        opt = trainer.optimizers[0]
+        key = layer.weight_delta if getattr(layer, "weight_delta", None) is not None else layer.weight
+        self.layer, self.exp_avg = layer, opt.state[key]["exp_avg"].detach().clone()
+
+
+def _q_proj_index(path) -> tuple[dict, int]:
+    ckpt = torch.load(path, weights_only=True)
+    names = [n for n, _ in PlainLM().named_parameters()]
+    return ckpt, names.index("model.model.layers.0.self_attn.q_proj.weight")
+
+
+def test_a_compressed_checkpoint_resumes_in_decompressed_mode_with_the_moments_decompressed(tmp_path):
+    path = _fit_with_checkpoint(tmp_path, [CompActCallback(rank=4, update_proj_gap=100)])
+    ckpt, index = _q_proj_index(path)
+    saved = ckpt["optimizer_states"][0]["state"][index]["exp_avg"]
+    assert saved.shape == (32, 4)
+    probe = _MomentsAtTrainStart()
+    cb = CompActCallback(rank=4, update_proj_gap=100, grad_mode="decompressed")
+    with pytest.warns(UserWarning, match="decompressed to full size"):
+        make_trainer(tmp_path / "b", [cb, probe], max_steps=4).fit(PlainLM(), token_loader(), ckpt_path=path)
+    # The P of the checkpoint's last step (window 0 of seed 0), rebuilt here in float64.
+    keys = torch.tensor(seed_keys(layer_seed(0, probe.layer.seed_name, 0)), dtype=torch.int32)
+    p = build_projection(32, 4, keys, dtype=torch.float64)
+    expected = saved.double() @ p.t()
+    assert ((probe.exp_avg.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_a_plain_checkpoint_resumes_with_the_callback_with_the_moments_compressed(tmp_path):
+    path = _fit_with_checkpoint(tmp_path, [])
+    ckpt, index = _q_proj_index(path)
+    saved = ckpt["optimizer_states"][0]["state"][index]["exp_avg"]
+    assert saved.shape == (32, 32)
+    probe = _MomentsAtTrainStart()
+    cb = CompActCallback(rank=4, update_proj_gap=100)
+    with pytest.warns(UserWarning, match="compressed for CompAct"):
+        make_trainer(tmp_path / "b", [cb, probe], max_steps=4).fit(PlainLM(), token_loader(), ckpt_path=path)
+    p = cb.compact.projection_at(probe.layer, 0).double()  # the window of step 2 (T = 100)
+    expected = saved.double() @ p
+    assert probe.exp_avg.shape == (32, 4)
+    assert ((probe.exp_avg.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("resume_kwargs", "match"),
+    [({"rank": 8}, r"rank=8.*gets rank 8 where the checkpoint's has 4.*Resume with rank=4"),
+     ({"rank": 4, "projection": "rademacher"}, r"saved with projection='gaussian'.*Resume with projection='gaussian'")],
+    ids=["rank", "projection"],
+)
+def test_resuming_with_another_rank_or_projection_is_refused_with_the_fix(tmp_path, resume_kwargs, match):
+    path = _fit_with_checkpoint(tmp_path, [CompActCallback(rank=4)])
+    with pytest.raises(MisconfigurationException, match=match):
+        make_trainer(tmp_path / "b", [CompActCallback(**resume_kwargs)], max_steps=4).fit(
+            PlainLM(), token_loader(), ckpt_path=path
+        )
+
+
+def test_resuming_with_another_scale_warns_and_continues_with_the_checkpoints(tmp_path):
+    path = _fit_with_checkpoint(tmp_path, [CompActCallback(rank=4, scale=0.5)])
+    cb = CompActCallback(rank=4, scale=2.0)
+    trainer = make_trainer(tmp_path / "b", [cb], max_steps=4)
+    with pytest.warns(UserWarning, match=r"scale=2.0 differs from the checkpoint's 0.5"):
+        trainer.fit(PlainLM(), token_loader(), ckpt_path=path)
+    assert cb.scale == 0.5 and {g["scale"] for g in trainer.optimizers[0].param_groups} == {0.5}

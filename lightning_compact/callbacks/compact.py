@@ -110,6 +110,18 @@ class CompActCallback(Callback):
     share ``P``, every rank uses the same ``P``, and a resumed run continues with the
     projections the uninterrupted run would have used.
 
+    **Resume.** ``rank`` and ``projection`` must be the checkpoint's (the optimizer's moments
+    live in their space; another value raises with the one to use); ``seed``,
+    ``update_proj_gap`` and ``scale`` are taken from the checkpoint, with a warning if they
+    differ. A switch of gradient mode is converted: a plain checkpoint resumed with the
+    callback has its Adam moments compressed with the next step's ``P``, and a compressed
+    checkpoint resumed with ``grad_mode="decompressed"`` (or an optimizer without a
+    compressed form) has them decompressed (first moment exactly, second approximately,
+    with a warning). To finish a compressed run without CompAct, resume it once with
+    ``grad_mode="decompressed"``: without the callback no CompAct code runs, and torch's
+    Adam fails on the ``[out, r]`` moments (Lightning warns that the checkpoint holds a
+    ``CompActCallback`` state).
+
     Nothing is logged; a table of converted and skipped layers is printed on rank zero.
 
     Args:
