@@ -21,6 +21,7 @@ __all__ = [
     "CHECKED_TORCH",
     "PrivateTorchAPIError",
     "adopt_module_hooks",
+    "dispatch_modes_disabled",
     "fake_store",
     "fake_tensor",
     "fake_tensor_mode",
@@ -71,6 +72,11 @@ def fake_store() -> type:
 def torch_dispatch_mode() -> type:
     """``torch.utils._python_dispatch.TorchDispatchMode``."""
     return _load("torch.utils._python_dispatch", "TorchDispatchMode")
+
+
+def dispatch_modes_disabled() -> Any:
+    """``torch.utils._python_dispatch._disable_current_modes()``: a context in which no dispatch mode sees the ops."""
+    return _load("torch.utils._python_dispatch", "_disable_current_modes")()
 
 
 def tree_leaves(tree: Any) -> list[Any]:
