@@ -41,6 +41,7 @@ import lightning_compact.models.causal_lm  # noqa: F401
 import lightning_compact.models.classification  # noqa: F401
 from lightning_compact import CompActCallback, PeakMemoryMonitor
 from lightning_compact.data.hub import HubUnavailableError
+from lightning_compact.data.packaged import MissingPackageError
 
 __all__ = ["CompActCLI", "ConfigError", "main", "run_cli"]
 
@@ -165,11 +166,13 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         # None, not argv, when reading sys.argv: LightningCLI warns when given both.
         run_cli(None if args is None else argv)
-    except (ConfigError, HubUnavailableError) as err:
-        # Both messages name the fix; a traceback through jsonargparse and Lightning would bury it.
+    except (ConfigError, MisconfigurationException, MissingPackageError, HubUnavailableError) as err:
+        # Each message names the fix; a traceback through jsonargparse and Lightning would bury it.
+        # MisconfigurationException: a setting only checked once the model exists (e.g. a
+        # --compact.target_modules that matches no layer); MissingPackageError: an extra not installed.
         command = next((a for a in argv if a in CompActCLI.subcommands()), None)
         print(f"lightning-compact{' ' + command if command else ''}: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 1 if isinstance(err, HubUnavailableError) else 2
     return 0
 
 

