@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from lightning_compact import CompActCallback, PeakMemoryMonitor
 from lightning_compact.data.hub import HubUnavailableError
 from lightning_compact.data.packaged import MissingPackageError
 
-__all__ = ["CompActCLI", "ConfigError", "main", "run_cli"]
+__all__ = ["CompActCLI", "ConfigError", "main", "resolve_recipe", "run_cli"]
 
 # Callback groups with an on/off switch: nested key -> class.
 SWITCHED_CALLBACKS: dict[str, type[Callback]] = {"compact": CompActCallback, "memory": PeakMemoryMonitor}
@@ -172,6 +173,38 @@ class CompActCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
 
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: the installed package's ``recipes``, then a checkout's ``recipes/``."""
+    package = Path(__file__).resolve().parent
+    return [d for d in (package / "recipes", package.parent / "recipes") if d.is_dir()]
+
+
+def resolve_recipe(value: str) -> str:
+    """A ``--config`` value: a file as given, else the shipped recipe of that name, else unchanged.
+
+    ``quickstart/pretrain_llama_tiny`` (or with ``.yaml``) names
+    ``recipes/quickstart/pretrain_llama_tiny.yaml`` wherever the package is installed.
+    """
+    if "\n" in value or Path(value).exists():
+        return value
+    for folder in recipe_dirs():
+        for name in (value, f"{value}.yaml"):
+            candidate = folder / name
+            if candidate.is_file():
+                return str(candidate)
+    return value
+
+
+def _resolve_configs(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_recipe(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_recipe(arg.removeprefix("--config="))
+    return out
+
+
 def run_cli(args: Sequence[str] | None = None) -> CompActCLI:
     """Run the Trainer CLI on ``args`` (default: ``sys.argv``); returns it for tests and notebooks."""
     return CompActCLI(args=None if args is None else list(args))
@@ -179,7 +212,9 @@ def run_cli(args: Sequence[str] | None = None) -> CompActCLI:
 
 def main(args: Sequence[str] | None = None) -> int:
     """The console script: ``estimate`` or a Trainer subcommand. Returns the exit status."""
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = _resolve_configs(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (it warns when given args too)
     if argv[:1] == ["estimate"]:
         from lightning_compact.memory.planner import main as estimate_main  # the estimator, or with --budget the plan
 

@@ -323,3 +323,17 @@ def test_the_cli_uses_the_step_run_progress_bar(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = CompActCLI(args=["--config", PRETRAIN_QUICKSTART], run=False)
     assert type(cli.trainer.progress_bar_callback) is StepRunProgressBar
+
+
+def test_config_names_resolve_against_the_shipped_recipes(tmp_path, monkeypatch):
+    from lightning_compact.cli import _resolve_configs, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)  # away from the checkout: names, not relative paths
+    found = Path(resolve_recipe("quickstart/pretrain_llama_tiny"))
+    assert found.is_file() and found.parts[-3:] == ("recipes", "quickstart", "pretrain_llama_tiny.yaml")
+    assert resolve_recipe("quickstart/pretrain_llama_tiny.yaml") == str(found)
+    assert _resolve_configs(["fit", "-c", "pretrain/llama_60m_c4", "--config=quickstart/finetune_minilm"])[2:] == [
+        resolve_recipe("pretrain/llama_60m_c4"), "--config=" + resolve_recipe("quickstart/finetune_minilm")]
+    (tmp_path / "mine.yaml").write_text("seed_everything: 1\n")
+    assert resolve_recipe("mine.yaml") == "mine.yaml"  # a path on disk wins
+    assert resolve_recipe("no/such/recipe") == "no/such/recipe"  # left to the parser's own error
