@@ -619,9 +619,12 @@ def _refuse_foreign_deltas(optimizer: Optimizer, args: Any, kwargs: Any) -> None
     torch's Adam would write its update into ``δ`` (a broadcast zero: "more than one
     element of the written-to tensor refers to a single memory location"), and the weight
     itself, which has no ``.grad`` in compressed mode, would never move. A no-op unless
-    some layer owns a ``weight_delta``.
+    some layer owns a ``weight_delta``, and skipped for a step given a closure (Lightning's):
+    the hook runs before the closure's backward and ``decompress_grads_``, so the ``.grad``
+    it would see is stale.
     """
-    if isinstance(optimizer, CompActAdamW) or not live_deltas():
+    closure = kwargs.get("closure") or next((a for a in args if callable(a)), None)  # args may hold the optimizer
+    if isinstance(optimizer, CompActAdamW) or not live_deltas() or closure is not None:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
