@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture
 def world_of_one():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(32500 + os.getpid() % 1000)
+    os.environ["MASTER_PORT"] = str(35500 + os.getpid() % 1000)
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         yield

@@ -274,7 +274,7 @@ def test_inductor_fullgraph_trains_like_eager(rule):
 def test_two_process_ddp_matches_one_process(tmp_path, rule):
     from ddp_compressed_train import LOCAL_BATCH, N_SAMPLES, SETTINGS, WORLD
 
-    r0, r1 = run_two_ranks("ddp_compressed_train.py", tmp_path, "adamw", rule, port_base=32500)
+    r0, r1 = run_two_ranks("ddp_compressed_train.py", tmp_path, "adamw", rule, port_base=38500)
     assert r0["compressed"] == r0["converted"] and len(r0["converted"]) == 12
     torch.manual_seed(0)
     single = PlainLM()
@@ -296,7 +296,7 @@ def test_two_process_fsdp2_matches_one_process_and_resumes_exactly(tmp_path, rul
     # "tensor" needs the norms of the whole tensor: two scalars are all-reduced over the row shards.
     from fsdp_train import GAP, LOCAL_BATCH, N_SAMPLES, RANK, SETTINGS, STEPS, WORLD
 
-    r0, r1 = run_two_ranks("fsdp_train.py", tmp_path, "compressed", rule, port_base=33500, timeout=600)
+    r0, r1 = run_two_ranks("fsdp_train.py", tmp_path, "compressed", rule, port_base=37500, timeout=600)
     assert r0["compressed"] == r0["converted"] and len(r0["converted"]) == 12
     torch.manual_seed(0)
     single = PlainLM()
