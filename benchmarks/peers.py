@@ -506,14 +506,7 @@ def summarize(found: dict[str, dict[str, Any]], memory: dict[str, dict[str, Any]
     for label in [*found, *(m for m in memory if m not in found)]:
         mem = memory.get(label, {})
         if label not in found:  # measured, not trained (yet)
-            row = {"method": label, "not_trained": True, "seeds": [], "sweep": {}}
-            if "memory" in mem:
-                row["memory"] = mem["memory"]
-                if base_mem:
-                    row["total_memory_ratio"] = mem["memory"]["total"] / base_mem["total"]
-            if "step_time_ratio" in mem:
-                row["step_time_ratio"] = mem["step_time_ratio"]
-            rows.append(row)
+            rows.append(_with_measurements({"method": label, "not_trained": True, "seeds": [], "sweep": {}}, mem, base_mem))
             continue
         f = found[label]
         seeds = sorted(f["seeds"])
@@ -529,14 +522,19 @@ def summarize(found: dict[str, dict[str, Any]], memory: dict[str, dict[str, Any]
             if paired:
                 row["vs_adamw_mean_pct"] = statistics.fmean(paired.values())
                 row["vs_adamw_worst_pct"] = max(paired.values())
-        if "memory" in mem:
-            row["memory"] = mem["memory"]
-            if base_mem:
-                row["total_memory_ratio"] = mem["memory"]["total"] / base_mem["total"]
-        if "step_time_ratio" in mem:
-            row["step_time_ratio"] = mem["step_time_ratio"]
-        rows.append(row)
+        rows.append(_with_measurements(row, mem, base_mem))
     return rows
+
+
+def _with_measurements(row: dict[str, Any], mem: dict[str, Any], base_mem: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` with the method's measured memory (and its ratio to AdamW's) and step-time ratio, where measured."""
+    if "memory" in mem:
+        row["memory"] = mem["memory"]
+        if base_mem:
+            row["total_memory_ratio"] = mem["memory"]["total"] / base_mem["total"]
+    if "step_time_ratio" in mem:
+        row["step_time_ratio"] = mem["step_time_ratio"]
+    return row
 
 
 MIB = 2**20
