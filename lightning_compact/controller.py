@@ -259,6 +259,26 @@ class CompAct:
             self._set_window(window, self.layers.values(), force=self._window is None)
             self._window = window
 
+    def follow(self, optimizer: Optimizer, start_step: int = 0) -> torch.utils.hooks.RemovableHandle:
+        """Drive the projection schedule from ``optimizer``'s steps, for a loop that cannot call :meth:`step`.
+
+        Sets step ``start_step``'s projections now and the next step's after each
+        ``optimizer.step()`` (a step post-hook), so a foreign training loop (e.g.
+        ``litgpt.pretrain.fit`` under Fabric) runs CompAct without an edit. Pass the optimizer
+        that actually steps (the one :meth:`optimizer` returned in compressed mode), and
+        ``start_step`` = the number of optimizer steps already taken when resuming. A step
+        skipped by a gradient scaler (inf/nan) does not advance the schedule. Returns the
+        hook's handle (``.remove()`` to stop).
+        """
+        count = [int(start_step)]
+        self.step(count[0])
+
+        def advance(_optimizer: Optimizer, _args: Any, _kwargs: Any) -> None:
+            count[0] += 1
+            self.step(count[0])
+
+        return optimizer.register_step_post_hook(advance)
+
     def _set_window(self, window: int, layers: Iterable[CompActLinear], force: bool) -> None:
         # Siblings sharing key and cache tensors (share_projection) are written once.
         keys_done: set[int] = set()
@@ -434,8 +454,13 @@ class CompAct:
 
     # -- reporting and state ------------------------------------------------------------
 
-    def format_table(self, bytes_per_element: int = 2) -> str:
-        """The converted and skipped layers, their ranks and the activation bytes saved per token."""
+    def format_table(self, bytes_per_element: int = 2, *, decompressed_before_step: bool = False) -> str:
+        """The converted and skipped layers, their ranks and the activation bytes saved per token.
+
+        The gradient line says what is true of this run: moments kept compressed only once
+        :meth:`optimizer` has made a :class:`CompActAdamW`; ``decompressed_before_step``: the
+        loop calls :meth:`decompress_grads_` before a foreign optimizer's step.
+        """
         rows = [("layer", "in -> out", "rank", "saved/token")]
         saved_total = 0
         for name, layer in self.layers.items():
@@ -454,12 +479,20 @@ class CompAct:
             f"(projection={self.config.projection}, resampled every {self.update_proj_gap} steps)"
         )
         n_compressed = len(self.compressed_layers)
-        if n_compressed:
+        some = f"{n_compressed} of them" if n_compressed < len(self.layers) else "them"
+        rest = "; the others decompress their gradients to full size" if n_compressed < len(self.layers) else ""
+        if n_compressed and decompressed_before_step:
             header += (
-                f"\nGradients and Adam moments of {n_compressed} of them kept compressed (CompActAdamW, "
-                f"scale={self.scale:g}); the others decompress their gradients to full size."
-                if n_compressed < len(self.layers)
-                else f"\nTheir gradients and Adam moments are kept compressed (CompActAdamW, scale={self.scale:g})."
+                f"\nCompressed gradients of {some} are decompressed to full size before each optimizer step "
+                f"(the optimizer has no compressed form, so its moments are full size){rest}."
+            )
+        elif n_compressed and len(self._optimizers):
+            header += f"\nGradients and Adam moments of {some} kept compressed (CompActAdamW, scale={self.scale:g}){rest}."
+        elif n_compressed:
+            header += (
+                f"\nGradients of {some} are compressed (in weight_delta.grad){rest}; no CompActAdamW has been made "
+                "for them yet: train with `compact.optimizer(torch.optim.AdamW(...))`, or call "
+                "`compact.decompress_grads_()` before another optimizer's step."
             )
         elif self.layers:
             header += "\nWeight gradients are decompressed to full size (grad_mode='decompressed')."

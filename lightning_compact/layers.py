@@ -40,6 +40,9 @@ __all__ = [
     "CompActLinear",
     "ConversionReport",
     "DEFAULT_EXCLUDED_MODULES",
+    "FROZEN_REASON",
+    "LITGPT_LORA_REASON",
+    "canonical_name",
     "conversion_report",
     "convert_to_compact",
     "delta_owner",
@@ -51,21 +54,36 @@ __all__ = [
 # Left uncompressed by default, with the reason shown in the conversion table.
 # Output heads: small inputs, large outputs, and the paper leaves them exact.
 # Poolers (BERT-style) see one token per sequence: nothing to save, only noise to add.
-# Attention output projections: their input is the attention output, which the
-# attention op already saves, so compressing it saves nothing and only adds noise.
+# Attention output projections named o_proj / out_proj: in this project's LLaMA and in
+# transformers' Llama/Mistral/Qwen2 with SDPA attention (their default) the projection's
+# input is the very storage the SDPA kernel keeps for its own backward, so compressing it
+# saves nothing and only adds noise. Elsewhere the attention output is a fresh copy
+# (transpose + reshape) that nothing else keeps: GPT-2's attn.c_proj, BERT/RoBERTa's
+# attention.output.dense, T5's SelfAttention.o / EncDecAttention.o and litgpt's attn.proj
+# are converted (tests/test_attention_output.py measures each family's saved bytes both ways).
 DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "lm_head": "output head",
     "classifier": "output head",
     "score": "output head",
     "head": "output head",
     "pooler": "pooler (one token per sequence)",
-    "o_proj": "attention output",
-    "out_proj": "attention output",
-    "attention.output.dense": "attention output",
-    "attn.c_proj": "attention output",  # GPT-2's (its MLP output, mlp.c_proj, is converted)
-    "SelfAttention.o": "attention output",  # T5's
-    "EncDecAttention.o": "attention output",
+    "o_proj": "attention output (its input is kept by SDPA for backward)",
+    "out_proj": "attention output (its input is kept by SDPA for backward)",
+    # PEFT's LoRA: the up-projection reads the r_lora-wide bottleneck (8-64 values a token):
+    # there is almost nothing to compress. Its down-projection (lora_A) reads the n-wide
+    # layer input, which is what CompAct compresses there.
+    "lora_B": "LoRA up-projection (its input is the r_lora-wide bottleneck)",
 }
+
+# Name components that wrappers insert between a module and its children without being a
+# layer of the model: torch.compile's OptimizedModule. Dropped from the names CompAct uses
+# (report, seeds), so a module compiled after its conversion keeps its layers' names.
+_WRAPPER_COMPONENTS = ("_orig_mod",)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without wrapper components (``model._orig_mod.fc`` -> ``model.fc``)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 # Each weight_delta's layer, by id(δ), held weakly. Kept here rather than as an attribute
 # of δ, so that δ (and a model holding it) pickles; a stale id is told apart by checking
@@ -250,8 +268,7 @@ class CompActLinear(nn.Linear):
         new.layer_name = name
         new.share_projection = config.share_projection
         # The seed's name key: the layer itself, or its group of siblings on one input size.
-        parent = name.rpartition(".")[0]
-        new.seed_name = f"{parent}:in={in_features}" if config.share_projection else name
+        new.seed_name = f"{_sibling_parent(name)}:in={in_features}" if config.share_projection else name
         new.window = 0
         new.cache_mode = config.cache_projections
         if config.projection == "principal":
@@ -567,8 +584,16 @@ class ConversionReport:
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def merge(self, other: ConversionReport) -> None:
-        self.converted.update(other.converted)
-        self.skipped.update(other.skipped)
+        """Add ``other``'s layers; a layer object already listed under another name becomes an alias of it."""
+        known = {id(layer): name for name, layer in self.converted.items()}
+        for name, layer in other.converted.items():
+            first = known.get(id(layer), name)
+            if first != name:
+                self.aliases[name] = first
+                continue
+            self.converted[name] = layer
+            self.skipped.pop(name, None)
+        self.skipped.update({k: v for k, v in other.skipped.items() if k not in self.converted})
         self.shapes.update(other.shapes)
         self.aliases.update(other.aliases)
 
@@ -589,7 +614,30 @@ def _child_slots(module: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return {key: list(children.items()) for key, children in slots.items()}
 
 
+def _sibling_parent(name: str) -> str:
+    """The module whose children read one input: ``self_attn`` for ``self_attn.q_proj``.
+
+    PEFT's LoRA down-projection ``self_attn.q_proj.lora_A.<adapter>`` counts as ``self_attn.q_proj``,
+    so the ``lora_A`` of q, k and v are siblings, as the projections they adapt are.
+    """
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] == "lora_A":
+        parts = parts[:-2]
+    return ".".join(parts[:-1])
+
+
+FROZEN_REASON = "frozen: its weight needs no gradient, so autograd saves no input for it"
+LITGPT_LORA_REASON = (
+    "litgpt LoRA: lora_A is a Parameter multiplied inside LoRALinear.forward, not an nn.Linear; "
+    "not converted, so its n-wide input is still saved (use PEFT's LoRA for CompAct on the adapters)"
+)
+
+
 def _skip_reason(name: str, module: nn.Linear, rank: int, config: CompActConfig) -> str | None:
+    if isinstance(module.weight, torch.Tensor) and not module.weight.requires_grad:
+        # A frozen layer (LoRA's base_layer, a frozen backbone) keeps no input for a weight
+        # gradient: converting it would save nothing, cost a projection and add a cache.
+        return FROZEN_REASON
     excluded_by = matches_any(name, config.exclusions)
     if excluded_by is not None:
         why = DEFAULT_EXCLUDED_MODULES.get(excluded_by, "excluded") if config.default_exclusions else "excluded"
@@ -666,7 +714,7 @@ def convert_to_compact(
     def visit(parent: nn.Module, prefix: str) -> None:
         # Post-order: children first, then swap them in their parent.
         for child_name, child in slots.get(id(parent), ()):
-            name = f"{prefix}.{child_name}" if prefix else child_name
+            name = canonical_name(f"{prefix}.{child_name}" if prefix else child_name)
             if id(child) in first_name:
                 # The same module under another name: converted (or not) once, by its first
                 # name; this name gets the same layer, so sharing survives and there is one δ.
@@ -677,6 +725,11 @@ def convert_to_compact(
                 continue
             first_name[id(child)] = name
             visit(child, name)
+            lora_a = child._parameters.get("lora_A") if not isinstance(child, nn.Linear) else None
+            if isinstance(lora_a, nn.Parameter) and lora_a.dim() == 2 and lora_a.requires_grad:
+                # litgpt's LoRALinear / LoRAQKVLinear: listed, so the table says why it is left alone.
+                report.shapes[f"{name}.lora_A"] = (lora_a.shape[1], lora_a.shape[0])
+                report.skipped[f"{name}.lora_A"] = LITGPT_LORA_REASON
             if not isinstance(child, nn.Linear) and not _is_conv1d(child):
                 continue
             in_features = _shape_of(child)[0]

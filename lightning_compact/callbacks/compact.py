@@ -340,6 +340,17 @@ class CompActCallback(Callback):
         if isinstance(trainer.strategy, DDPStrategy):
             self.compact.broadcast_weights()  # DDP broadcast only the parameters it manages
         self.compact.set_projection_dtype(_AUTOCAST_DTYPES.get(str(trainer.precision)))
+        decompressed = self._decompressed_before_step or any(
+            layer.grad_mode == "decompressed" for layer in self.layers.values())
+        if trainer.gradient_clip_val and decompressed:
+            # Clipping sees the full-size estimate Ĝ·Pᵀ, whose norm is about √(n/r)·‖G‖: the joint
+            # norm grows, and the exact gradients of the layers left alone are shrunk with it.
+            rank_zero_warn(
+                f"CompActCallback: gradient_clip_val={trainer.gradient_clip_val} clips decompressed gradients "
+                "(Ĝ·Pᵀ, about √(n/r) times the exact norm), so it clips harder than without CompAct and shrinks "
+                "the exact gradients of the other parameters too. Use grad_mode='compressed' with Adam/AdamW "
+                "(clipping then sees Ĝ, whose expected norm is the exact one), or raise the threshold."
+            )
         rank_zero_info(self.format_table(_activation_bytes(trainer)))
         self.compact.step(trainer.global_step)
         self._fit_trainer = weakref.ref(trainer)  # load_state_dict gets no trainer (strategies restoring after setup)
@@ -419,10 +430,7 @@ class CompActCallback(Callback):
 
     def format_table(self, bytes_per_element: int = 2) -> str:
         """The converted and skipped layers, their ranks and the activation bytes saved per token."""
-        table = self.compact.format_table(bytes_per_element)
-        if self._decompressed_before_step:
-            table += "\nCompressed gradients are decompressed before each step (the optimizer has no compressed form)."
-        return table
+        return self.compact.format_table(bytes_per_element, decompressed_before_step=self._decompressed_before_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
