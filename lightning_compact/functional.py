@@ -6,6 +6,11 @@ Forward is exactly ``F.linear``. Backward:
 * the weight gradient ``Gᵀ = (∂L/∂o)ᵀ x`` (``[m, n]`` in ``nn.Linear``'s layout) is
   computed in the compressed space, ``Ĝ = (∂L/∂o)ᵀ (x P)`` (``[m, r]``).
 
+An input that is (a view of) an SDPA kernel's output, which that kernel keeps for its own
+backward (an attention output projection's, in most models), is saved as it is instead of
+``x·P``: no new memory. ``Ĝ`` is then made from it in the backward (the same value), and in
+decompressed mode ``weight.grad`` is the exact gradient (see :func:`input_kept_elsewhere`).
+
 Where ``Ĝ`` goes is the *gradient mode*:
 
 * ``"decompressed"``: ``weight.grad`` receives ``Ĝ Pᵀ``, an unbiased estimate of the
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, seed_keys
 
-__all__ = ["GRAD_MODES", "compact_linear", "observe_compressed_inputs"]
+__all__ = ["GRAD_MODES", "compact_linear", "input_kept_elsewhere", "observe_compressed_inputs"]
 
 GRAD_MODES: tuple[str, ...] = ("compressed", "decompressed")
 
@@ -61,20 +66,24 @@ def _projection(in_features: int, rank: int, proj, keys, kind: str, dtype: torch
 class _CompActLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input, weight, bias, weight_delta, compressed, proj, keys, rank: int, kind: str
+        ctx, input, weight, bias, weight_delta, compressed, proj, keys, rank: int, kind: str, kept=None
     ):
         # ``compressed`` (x·P) is made by compact_linear, outside autograd, so layers that
-        # share an input and a projection can share it too.
+        # share an input and a projection can share it too. ``kept``: the input's storage,
+        # which another op (SDPA) keeps for its own backward anyway; it is saved instead of
+        # x·P (no new memory) and the weight gradient is computed from it.
         output = F.linear(input, weight, bias)
         decompress = weight_delta is None and ctx.needs_input_grad[1]
         # Save only what each gradient needs: W for ∂L/∂x, x·P for ∂L/∂W, and P (a cached
-        # tensor, no new memory) or its keys only where Ĝ is decompressed.
+        # tensor, no new memory) or its keys where Ĝ is decompressed, or made from the kept input.
+        need_p = kept is not None and not decompress
         ctx.save_for_backward(
-            compressed,
+            compressed if kept is None else kept,
             weight if ctx.needs_input_grad[0] else None,
-            proj if decompress else None,
-            keys if decompress and proj is None else None,
+            proj if need_p or (decompress and kept is None) else None,
+            keys if proj is None and (need_p or (decompress and kept is None)) else None,
         )
+        ctx.from_kept_input = kept is not None
         ctx.input_shape = input.shape
         ctx.rank, ctx.kind = rank, kind
         ctx.delta_dtype = weight_delta.dtype if weight_delta is not None else None
@@ -89,7 +98,15 @@ class _CompActLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Autocast is off in a custom backward: match dtypes explicitly (e.g. bf16 grad, fp32 W).
             grad_input = (grad_2d @ weight.to(grad_2d.dtype)).view(ctx.input_shape)
-        if ctx.needs_input_grad[3]:
+        if ctx.from_kept_input and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            x = compressed.reshape(-1, ctx.input_shape[-1])  # the kept input itself
+            if ctx.needs_input_grad[3]:
+                # Ĝ = (∂L/∂o)ᵀ (x P): the very value the compressed path gives, x·P made here.
+                p = _projection(ctx.input_shape[-1], ctx.rank, proj, keys, ctx.kind, x.dtype)
+                grad_delta = (grad_2d.to(x.dtype).t() @ (x @ p)).to(ctx.delta_dtype)
+            elif ctx.delta_dtype is None:
+                grad_weight = grad_2d.to(x.dtype).t() @ x  # x is there anyway: the exact gradient
+        elif ctx.needs_input_grad[3]:
             # Ĝ = (∂L/∂o)ᵀ (x P), in δ's dtype (the dtype .grad of the weight would have).
             grad_delta = (grad_2d.to(compressed.dtype).t() @ compressed).to(ctx.delta_dtype)
         elif ctx.needs_input_grad[1] and ctx.delta_dtype is None:
@@ -98,7 +115,41 @@ class _CompActLinearFunction(torch.autograd.Function):
             grad_weight = grad_compressed @ p.t()  # [m, n]
         if ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_input, grad_weight, grad_bias, grad_delta, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, grad_delta, None, None, None, None, None, None
+
+
+# Autograd nodes that return a view of their input (no new storage), and the SDPA kernels
+# that keep their output for their own backward (flash / memory-efficient / cuDNN; the math
+# fallback, used e.g. with attention dropout on CPU, keeps its inputs instead).
+_VIEW_NODES = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
+    "ReshapeAliasBackward0", "AsStridedBackward0", "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SliceBackward0", "SelectBackward0",
+})
+_OUTPUT_KEEPING_NODES = (
+    "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention", "ScaledDotProductCudnnAttention",
+    "ScaledDotProductFusedAttention",
+)
+
+
+def input_kept_elsewhere(input: torch.Tensor, max_depth: int = 8) -> bool:
+    """Whether ``input`` is (a view of) an SDPA kernel's output, which that kernel keeps for its backward.
+
+    Follows ``input.grad_fn`` through view nodes only: a copy in between (``contiguous`` of a
+    transposed tensor, eager attention's ``clone``) makes fresh storage that nothing else keeps.
+    Eager mode; reads only node types, never saved tensors.
+    """
+    fn = input.grad_fn
+    for _ in range(max_depth):
+        if fn is None:
+            return False
+        name = type(fn).__name__
+        if name.startswith(_OUTPUT_KEEPING_NODES):
+            return True
+        if name not in _VIEW_NODES or not fn.next_functions:
+            return False
+        fn = fn.next_functions[0][0]
+    return False
 
 
 def compact_linear(
@@ -170,9 +221,16 @@ def compact_linear(
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    compressed = None
+    compressed = kept = None
     tracked = weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad)
-    if tracked and torch.is_grad_enabled():
+    if (
+        tracked and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        and input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()  # no autocast copy
+        and input_kept_elsewhere(source)
+    ):
+        # Its storage stays alive for SDPA's backward: saving x·P as well would only add memory.
+        kept = input
+    elif tracked and torch.is_grad_enabled():
         sharing = share_compressed and not torch.compiler.is_compiling()
         compressed = key = None
         if sharing:
@@ -191,7 +249,7 @@ def compact_linear(
                 _SHARED_COMPRESSION.put(source, key, compressed)
         for observer in _OBSERVERS:
             observer(input, compressed)
-    args = (input, weight, bias, weight_delta, compressed, proj, keys, rank, projection)
+    args = (input, weight, bias, weight_delta, compressed, proj, keys, rank, projection, kept)
     if autocast:
         with torch.autocast(device_type, enabled=False):
             return _CompActLinearFunction.apply(*args)

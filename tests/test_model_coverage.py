@@ -120,8 +120,9 @@ _LLAMA_LIKE = dict(
     n_converted=6 * LAYERS,
 )
 _BERT_LIKE = dict(
-    converted={"attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense", "output.dense"},
-    n_converted=5 * LAYERS,
+    converted={"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "intermediate.dense", "output.dense"},
+    n_converted=6 * LAYERS,
 )
 
 
@@ -140,45 +141,44 @@ FAMILIES = {
     "llama": Family(lambda: _decoder_lm("LlamaForCausalLM", "LlamaConfig"), _lm_loss, **_LLAMA_LIKE),
     "mistral": Family(lambda: _decoder_lm("MistralForCausalLM", "MistralConfig"), _lm_loss, **_LLAMA_LIKE),
     "qwen2": Family(lambda: _decoder_lm("Qwen2ForCausalLM", "Qwen2Config"), _lm_loss, **_LLAMA_LIKE),
-    # transformers' Conv1D ([in, out] weight). c_proj names both the attention output
-    # (left alone) and the MLP output (converted): the exclusion is "attn.c_proj".
+    # transformers' Conv1D ([in, out] weight). The attention output attn.c_proj is converted:
+    # its input is a fresh copy, or SDPA's kept output, read in the backward (tests/test_attention_output.py).
     "gpt2": Family(
         _gpt2, _lm_loss,
-        converted={"attn.c_attn", "mlp.c_fc", "mlp.c_proj"},
-        skipped={"attn.c_proj": "attention output", "lm_head": "output head"},
-        n_converted=3 * LAYERS,
+        converted={"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+        skipped={"lm_head": "output head"},
+        n_converted=4 * LAYERS,
     ),
     "bert": Family(
         lambda: _encoder_classifier("BertForSequenceClassification", "BertConfig"), _classification_loss,
-        skipped={"attention.output.dense": "attention output", "bert.pooler.dense": "pooler", "classifier": "output head"},
+        skipped={"bert.pooler.dense": "pooler", "classifier": "output head"},
         **_BERT_LIKE,
     ),
     # RoBERTa's head is a module, classifier.{dense,out_proj}: both excluded as the head.
     "roberta": Family(
         lambda: _encoder_classifier("RobertaForSequenceClassification", "RobertaConfig"), _classification_loss,
-        skipped={"attention.output.dense": "attention output", "classifier.dense": "output head",
-                 "classifier.out_proj": "output head"},
+        skipped={"classifier.dense": "output head", "classifier.out_proj": "output head"},
         **_BERT_LIKE,
     ),
-    # T5 names its attention outputs "o": excluded by name, like o_proj / out_proj elsewhere.
+    # T5's attention outputs ("o") are converted, like GPT-2's and BERT's.
     "t5": Family(
         _t5, _lm_loss,
-        converted={"SelfAttention.q", "SelfAttention.k", "SelfAttention.v",
-                   "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
+        converted={"SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+                   "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
                    "DenseReluDense.wi", "DenseReluDense.wo"},
-        skipped={"lm_head": "output head", "SelfAttention.o": "attention output", "EncDecAttention.o": "attention output"},
-        n_converted=5 * LAYERS + 8 * LAYERS,  # encoder blocks: self-attention + MLP; decoder: + cross-attention
+        skipped={"lm_head": "output head"},
+        n_converted=6 * LAYERS + 10 * LAYERS,  # encoder blocks: self-attention + MLP; decoder: + cross-attention
     ),
     "vit": Family(
         _vit, _vit_loss,
         converted={"attention.q_proj", "attention.k_proj", "attention.v_proj", "mlp.fc1", "mlp.fc2"}
         if _TRANSFORMERS_5 else
-        {"attention.attention.query", "attention.attention.key", "attention.attention.value", "intermediate.dense",
-         "output.dense"},
+        {"attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense",
+         "intermediate.dense", "output.dense"},
         skipped={"attention.o_proj": "attention output", "classifier": "output head"}
         if _TRANSFORMERS_5 else
-        {"attention.output.dense": "attention output", "classifier": "output head"},
-        n_converted=5 * LAYERS,
+        {"classifier": "output head"},
+        n_converted=(5 if _TRANSFORMERS_5 else 6) * LAYERS,
     ),
     "torch_encoder": Family(
         _torch_encoder, _torch_encoder_loss,
