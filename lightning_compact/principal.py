@@ -89,8 +89,12 @@ def resolve_principal_rank(principal_rank: int | float, rank: int) -> int:
 
     An ``int`` is absolute, a ``float`` in (0, 1) a fraction of ``rank`` (rounded). At
     least one column stays random (k ≤ r − 1), since the random part is what makes
-    ``E[P Pᵀ] = I``; a rank-1 layer gets k = 0 (the orthogonal projection).
+    ``E[P Pᵀ] = I``; a rank-1 layer gets k = 0 (the orthogonal projection). ``1.0`` is the
+    exception: every column principal (k = r), ``P = U_r``, no random part: a biased,
+    GaLore-like estimate (see :func:`principal_projection`).
     """
+    if isinstance(principal_rank, float) and principal_rank == 1.0:
+        return rank
     if isinstance(principal_rank, bool):
         raise TypeError("principal_rank must be an int or a float, not a bool")
     if isinstance(principal_rank, int):
@@ -100,8 +104,8 @@ def resolve_principal_rank(principal_rank: int | float, rank: int) -> int:
     elif isinstance(principal_rank, float):
         if not 0.0 < principal_rank < 1.0:
             raise ValueError(
-                f"principal_rank as a float is a fraction of each layer's rank r and must be in (0, 1), got "
-                f"{principal_rank}; pass an int for an absolute number of principal directions"
+                f"principal_rank as a float is a fraction of each layer's rank r and must be in (0, 1], got "
+                f"{principal_rank}; pass an int for an absolute number of principal directions (1.0: all r, biased)"
             )
         k = max(1, round(principal_rank * rank))
     else:
@@ -164,15 +168,22 @@ def principal_projection(
     Args:
         x: the layer's input (any leading shape); only read.
         rank: r, columns of ``P`` (``1 <= r < n``).
-        k: principal columns (``0 <= k < r``).
+        k: principal columns (``0 <= k <= r``). ``k = r`` gives ``P = U_r`` (orthonormal, no
+            random part): ``E[P Pᵀ] = Π_r ≠ I``, so ``Ĝ Pᵀ = G Π_r`` drops the gradient outside
+            the input's top-r subspace instead of estimating it with noise, as GaLore drops
+            what lies outside the gradient's top-r subspace.
         keys: the window's hash keys (int32 ``[2]``): the sketch and the complement are
             drawn from two streams of them, never from the global RNG.
         dtype: the result's dtype (computed in float32, or float64 for float64 ``x``).
     """
     n = x.shape[-1]
-    if not 0 <= k < rank < n:
-        raise ValueError(f"need 0 <= k < rank < n, got k={k}, rank={rank}, n={n}")
+    if not (0 <= k <= rank < n):
+        raise ValueError(f"need 0 <= k <= rank < n, got k={k}, rank={rank}, n={n}")
     work = _work_dtype(x)
+    if k == rank:
+        u = top_directions(x, k, keys, oversample=oversample, power_iterations=power_iterations)
+        q, r_factor = torch.linalg.qr(u)
+        return (q * torch.sign(torch.diagonal(r_factor)).unsqueeze(0)).to(dtype)
     z = build_projection(n, rank - k, _stream(keys, _COMPLEMENT_MASK), projection="gaussian", dtype=work)
     if k > 0:
         u = top_directions(x, k, keys, oversample=oversample, power_iterations=power_iterations)

@@ -116,7 +116,8 @@ def test_principal_rank_resolution_and_validation():
     assert resolve_principal_rank(0.99, 8) == 7  # at least one random column
     assert resolve_principal_rank(3, 8) == 3 and resolve_principal_rank(20, 8) == 7
     assert resolve_principal_rank(0.5, 1) == 0  # rank 1: the orthogonal projection
-    for bad in (0.0, 1.0, -2, 0):
+    assert resolve_principal_rank(1.0, 8) == 8  # all principal: P = U_r, no random part (biased)
+    for bad in (0.0, 1.5, -2, 0):
         with pytest.raises(ValueError, match="principal_rank"):
             CompActConfig(rank=4, projection="principal", principal_rank=bad)
     with pytest.raises(TypeError, match="principal_rank"):
@@ -299,3 +300,16 @@ def test_cli_keys_reach_the_layers():
     model = _mlp()
     cb.compact.convert(model)
     assert cb.compact.layers and all(layer.principal_k == min(3, layer.rank - 1) for layer in cb.compact.layers.values())
+
+
+def test_all_principal_projection_is_the_top_subspace_in_float64():
+    """principal_rank=1.0: P = U_r, orthonormal, spanning the input's top-r right singular subspace."""
+    g = torch.Generator().manual_seed(3)
+    n, r, tokens = 48, 6, 400
+    signal = torch.randn(tokens, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+    x = 10 * signal + 0.01 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    p = principal_projection(x, r, r, torch.tensor([5, 9], dtype=torch.int32), dtype=torch.float64)
+    assert p.shape == (n, r)
+    assert rel_err(p.t() @ p, torch.eye(r, dtype=torch.float64)) < 1e-12
+    v = torch.linalg.svd(x, full_matrices=False).Vh[:r].t()
+    assert rel_err(p @ p.t(), v @ v.t()) < 1e-6  # the same subspace as the exact SVD's
