@@ -7,7 +7,6 @@ plain PyTorch and Fabric loops as well.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from typing import Any
 
@@ -97,8 +96,10 @@ class CompActCallback(Callback):
     ``fully_shard`` in ``configure_model``, which runs after this callback's ``setup``)
     each ``δ`` is sharded by rows with its weight, FSDP2 reduce-scatters ``Ĝ`` (r/n of
     the traffic) and ``CompActAdamW`` updates each rank's rows; FSDP1 and DeepSpeed are
-    refused. 16-bit mixed precision with a gradient scaler is refused in compressed mode
-    (not yet verified); ``bf16-mixed``, ``bf16-true``, 32 and 64 bit are supported.
+    refused. Every precision is supported: ``16-mixed`` with a gradient scaler unscales each
+    ``Ĝ`` like any gradient (it is the ``.grad`` of a parameter the optimizer holds), clipping
+    follows the unscale, and a step with an inf/nan gradient is skipped without touching the
+    moments (``tests/test_grad_scaler.py``).
 
     **Lifecycle.** At the end of ``fit`` (and when it fails) every converted layer is
     swapped back to a plain ``nn.Linear`` with the same Parameters: a later loop trains
@@ -298,13 +299,6 @@ class CompActCallback(Callback):
         if stage != "fit":
             return
         _check_strategy(trainer.strategy)
-        if self.compact.config.grad_mode == "compressed" and getattr(trainer.precision_plugin, "scaler", None):
-            if self.grad_mode == "compressed":
-                raise MisconfigurationException(
-                    f"CompActCallback(grad_mode='compressed'): precision={trainer.precision!r} uses a gradient "
-                    "scaler, which is not verified with compressed gradients; use bf16-mixed or grad_mode='decompressed'."
-                )
-            self.compact.config = dataclasses.replace(self.compact.config, grad_mode="decompressed")
         # DDP wraps the model before configure_optimizers runs, so which weights DDP
         # manages (the compressed ones get no .grad) is settled now; FSDP2 shards what
         # configure_model (after this hook) hands it, each δ included.

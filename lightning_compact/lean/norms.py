@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LeanLayerNorm", "LeanRMSNorm", "layer_norm", "rms_norm"]
