@@ -1,4 +1,7 @@
-"""``lightning-compact``: the LightningCLI entry point (``fit``, ``validate``, ``test``, ``estimate``).
+"""``lightning-compact``: the LightningCLI entry point (``fit``, ``validate``, ``test``, ``estimate``, ``demo``).
+
+``demo`` runs :mod:`lightning_compact.demo`: the baseline, CompAct and CompAct with lean
+activations side by side on a tiny offline model, one table and one picture.
 
 ``estimate`` is not a Trainer command: it runs one training step of a recipe's model
 under FakeTensorMode (nothing allocated) and prints where the memory goes; see
@@ -134,10 +137,13 @@ class CompActCLI(LightningCLI):
         # Listed in `--help` only: main() hands `estimate` to the estimator before this parser runs.
         estimate = self.init_parser(description=ESTIMATE_HELP, add_help=False)
         parser._subcommands_action.add_subcommand("estimate", estimate, help=ESTIMATE_HELP)
+        demo_help = "baseline, CompAct and CompAct + lean side by side on a tiny offline model (about 2 minutes on a CPU)"
+        demo = self.init_parser(description=demo_help, add_help=False)
+        parser._subcommands_action.add_subcommand("demo", demo, help=demo_help)
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "estimate":
-            raise ConfigError("`estimate` is not a Trainer command: run it through lightning_compact.cli.main([...])")
+        if self.subcommand in ("estimate", "demo"):
+            raise ConfigError(f"`{self.subcommand}` is not a Trainer command: run it through lightning_compact.cli.main([...])")
         # Lightning checks the accelerator when it builds the Trainer and says only "No
         # supported gpu backend found!"; say what to do before anything is built.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -219,6 +225,14 @@ def main(args: Sequence[str] | None = None) -> int:
         from lightning_compact.memory.planner import main as estimate_main  # the estimator, or with --budget the plan
 
         return estimate_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from lightning_compact.demo import main as demo_main  # baseline, CompAct, CompAct + lean side by side
+
+        try:
+            return demo_main(argv[1:])
+        except MissingPackageError as err:
+            print(f"lightning-compact demo: error: {err}", file=sys.stderr)
+            return 2
     try:
         # None, not argv, when reading sys.argv: LightningCLI warns when given both.
         run_cli(None if args is None else argv)

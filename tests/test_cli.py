@@ -338,3 +338,18 @@ def test_config_names_resolve_against_the_shipped_recipes(tmp_path, monkeypatch)
     (tmp_path / "mine.yaml").write_text("seed_everything: 1\n")
     assert resolve_recipe("mine.yaml") == "mine.yaml"  # a path on disk wins
     assert resolve_recipe("no/such/recipe") == "no/such/recipe"  # left to the parser's own error
+
+
+@needs_bible
+def test_demo_shows_the_three_runs_side_by_side(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--steps", "4", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--seq-len", "32",
+            "--val-blocks", "8", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[CompAct n/4] step 4/4" in printed  # plain progress lines, readable without a terminal
+    rows = [line for line in (out / "demo_table.md").read_text().splitlines() if line.startswith("| ") and "MiB" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| baseline", "| CompAct n/4", "| CompAct n/4 + lean"]
+    saved = [float(row.split(" | ")[1].split()[0]) for row in rows]
+    assert saved[0] > saved[1] > saved[2]  # CompAct saves, lean saves more
+    assert (out / "demo.png").stat().st_size > 0
