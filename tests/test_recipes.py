@@ -92,3 +92,28 @@ def test_lean_recipes_are_the_paper_recipe_plus_lean_activations_and_compact(siz
     b["trainer"]["callbacks"] = [c for c in b["trainer"]["callbacks"] if c["class_path"] != "lightning_compact.LeanActivations"]
     b["compact"]["rank"] = a["compact"]["rank"]
     assert a == b
+
+
+def test_the_wheel_ships_every_recipe_and_names_resolve_from_it(tmp_path):
+    """Outside a checkout `--config quickstart/pretrain_llama_tiny` must still find the recipe: it is package data."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = RECIPES.resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(repo)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lightning_compact-*.whl")
+    shipped = {n.removeprefix("lightning_compact/recipes/") for n in zipfile.ZipFile(wheel).namelist()
+               if n.startswith("lightning_compact/recipes/")}
+    on_disk = {str(p.relative_to(RECIPES.resolve())) for p in RECIPES.resolve().glob("*/*.yaml")} | {"README.md"}
+    assert shipped == on_disk
+    # The installed layout: the package's own recipes/ is the first place a name is looked up.
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from lightning_compact.cli import resolve_recipe;"
+             "print(resolve_recipe('quickstart/pretrain_llama_tiny'))")
+    found = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert Path(found.stdout.strip()) == tmp_path / "site" / "lightning_compact" / "recipes" / "quickstart" / "pretrain_llama_tiny.yaml"
