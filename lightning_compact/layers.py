@@ -178,8 +178,8 @@ class CompActConfig:
             weight's gradient stays unbiased; their estimation noise becomes correlated.
         cache_projections: keep each window's ``P`` in memory (built once per window, not
             in every forward and backward): ``True``, ``False``, or ``"auto"`` (kept unless
-            the first training forward shows it is larger than a quarter of the
-            activation memory the layer saves).
+            the first training forward shows it is larger than both a quarter of the
+            activation memory the layer saves and the layer's weight).
         principal_rank: with ``projection="principal"``, k, the number of ``P``'s columns
             taken from the top directions of the layer's input (the rest are random in
             their complement, scaled to keep ``E[P Pᵀ] = I``; see
@@ -228,7 +228,8 @@ class CompActConfig:
         return defaults + tuple(p for p in self.exclude_modules if p not in defaults)
 
 
-# "auto" keeps a cache unless it exceeds this fraction of the activation bytes the layer saves.
+# "auto" keeps a cache unless it exceeds both this fraction of the activation bytes the layer
+# saves and the bytes of the layer's weight.
 _AUTO_CACHE_LIMIT = 0.25
 
 
@@ -494,10 +495,16 @@ class CompActLinear(nn.Linear):
 
     def _decide_cache(self, input: torch.Tensor) -> None:
         # Once, at the first training forward: a cache much smaller than the activations it
-        # saves is kept (one P per window instead of one per forward and backward).
+        # saves is kept (one P per window instead of one per forward and backward), and so is
+        # one no larger than the layer's own weight: small micro-batches are where rebuilding P
+        # in every forward and backward costs the most host time, and where such a cache is
+        # small beside the weight, its gradient and its moments. Dropped: a cache larger than
+        # both (a wide input with a narrow output, e.g. a LoRA down-projection, at few tokens).
         tokens = input.numel() // self.in_features
         saved = tokens * (self.in_features - self.rank) * input.element_size()
-        if self.projection_cache is not None and self.projection_cache_bytes > _AUTO_CACHE_LIMIT * saved:
+        weight = self.weight.numel() * self.weight.element_size()
+        limit = max(_AUTO_CACHE_LIMIT * saved, weight)
+        if self.projection_cache is not None and self.projection_cache_bytes > limit:
             self.projection_cache = None
             self.cache_mode = False
         else:

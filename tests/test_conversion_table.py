@@ -97,3 +97,25 @@ def test_clipping_decompressed_gradients_is_warned_about(tmp_path, grad_mode, op
         trainer.fit(PlainLM(optimizer=optimizer), token_loader())
     said = any("clips decompressed gradients" in str(w.message) for w in caught)
     assert said == warns
+
+
+def _first_forward(in_features, out_features, rank, tokens):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    convert_to_compact_auto = CompAct(rank=rank, cache_projections="auto")
+    convert_to_compact_auto.convert(model)
+    model(torch.randn(tokens, in_features)).sum().backward()
+    return model[0]
+
+
+def test_auto_cache_is_kept_at_small_micro_batches_unless_larger_than_the_weight():
+    # 8 tokens: the activation saving (8 x 48 values) is far below the cache (64 x 16), but the cache is a
+    # quarter of the layer's weight: kept, so P is not rebuilt in every forward and backward.
+    layer = _first_forward(64, 64, 16, tokens=8)
+    assert layer.projection_cache is not None and layer.cache_mode is True
+    # A wide input with a narrow output (a LoRA down-projection): the cache would be 16x the weight: dropped.
+    layer = _first_forward(256, 4, 64, tokens=8)
+    assert layer.projection_cache is None and layer.cache_mode is False
+    # Many tokens: kept whatever the weight, the activation saving dwarfs it.
+    layer = _first_forward(256, 4, 64, tokens=4096)
+    assert layer.projection_cache is not None

@@ -155,7 +155,7 @@ class CompActCallback(Callback):
             Off by default (the paper draws one projection per layer).
         cache_projections: keep each window's ``P`` in memory instead of rebuilding it in
             every forward/backward: ``True``, ``False`` or ``"auto"`` (kept unless it exceeds
-            a quarter of the activation bytes the layer saves). In ``bf16-mixed`` and
+            both a quarter of the activation bytes the layer saves and the layer's weight). In ``bf16-mixed`` and
             ``16-mixed`` the cache is kept in the autocast dtype.
         moment_carry: beyond the paper, off by default: at each resample the swapped-in
             ``CompActAdamW`` moves the first moment into the new basis and resets each row
