@@ -122,3 +122,22 @@ def test_resume_from_a_trainer_checkpoint_continues_the_same_run(tmp_path):
     run(tmp_path / "b", 3)
     resumed = run(tmp_path / "c", 5, resume=str(tmp_path / "b" / "checkpoint-3"))
     assert_same_weights(resumed, whole, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_through_accelerate_on_two_processes(tmp_path):
+    """Decompressed mode under the Trainer's own DDP (gloo, 2 CPU processes): both ranks hold the same weights,
+    and they are those of one process on the whole batch (every rank uses the same P)."""
+    from helpers import run_two_ranks
+
+    r0, r1 = run_two_ranks("hf_ddp_train.py", tmp_path, port_base=39500)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["converted"] > 0
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+    single = tiny_llama()
+    plain_loop(single, CompAct(rank=4, grad_mode="decompressed", update_proj_gap=2), steps=4)
+    untouched = tiny_llama().state_dict()
+    for name, value in single.state_dict().items():
+        if not torch.equal(value, untouched[name]):  # trained parameters
+            err = (r0["state"][name] - value).norm() / value.norm()
+            assert err < 1e-4, (name, float(err))

@@ -94,12 +94,15 @@ class CompActTrainerCallback(TrainerCallback):
                 "checkpoint does not hold; use projection='gaussian' or 'orthogonal' here"
             )
         self.compact = compact
+        # Which layers the current (or last) training converted and skipped, kept after restore.
+        self.report = compact.report
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise RuntimeError("CompActTrainerCallback: the Trainer passed no model to on_train_begin")
         self.compact.convert(model)
+        self.report = self.compact.report
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         if self.compact.compressed_layers:
             if args.world_size > 1:
