@@ -110,6 +110,31 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("compact_n4_principal", "compact", dict(PAPER, rank=0.25, projection="principal")),
     Method("compact_n8_channel", "compact", dict(PAPER, rank=0.125, update_rule="channel")),
     Method("compact_n4_principal_channel", "compact", dict(PAPER, rank=0.25, projection="principal", update_rule="channel")),
+    # The paper's alpha (0.25 for pretraining, at lr 1e-2): compressed weights step at a quarter of the lr
+    # that embeddings, lm_head, norms and o_proj get, as GaLore's scale 0.25 does for its projected weights.
+    Method("compact_n4_a25", "compact", dict(PAPER, rank=0.25, scale=0.25)),
+    Method("compact_n8_a25", "compact", dict(PAPER, rank=0.125, scale=0.25)),
+    Method("compact_n4_channel_a25", "compact", dict(PAPER, rank=0.25, scale=0.25, update_rule="channel")),
+    Method("compact_n4_principal_a25", "compact", dict(PAPER, rank=0.25, scale=0.25, projection="principal")),
+    Method("compact_n4_principal_channel_a25", "compact", dict(PAPER, rank=0.25, scale=0.25, projection="principal", update_rule="channel")),
+    # P = U_r: every column from the input's top directions (principal_rank=1.0), no random part (biased).
+    Method("compact_n4_principal_full", "compact", dict(PAPER, rank=0.25, projection="principal", principal_rank=1.0)),
+    Method("compact_n4_principal_full_channel", "compact",
+           dict(PAPER, rank=0.25, projection="principal", principal_rank=1.0, update_rule="channel")),
+    Method("compact_n8_principal_full", "compact", dict(PAPER, rank=0.125, projection="principal", principal_rank=1.0)),
+    # The paper's recipe in the form its code has it: attention and MLP weights at a quarter of the lr the
+    # embeddings, head and norms get (alpha = 0.25 on the compressed layers, o_proj scaled alike), as the
+    # projected peers' scales do; the user's own param groups, CompActAdamW's scale left at 1.
+    Method("compact_n4_split", "compact", dict(PAPER, rank=0.25, linear_lr_scale=0.25)),
+    Method("compact_n4_channel_split", "compact", dict(PAPER, rank=0.25, update_rule="channel", linear_lr_scale=0.25)),
+    Method("compact_n4_principal_full_split", "compact",
+           dict(PAPER, rank=0.25, projection="principal", principal_rank=1.0, linear_lr_scale=0.25)),
+    Method("compact_n4_principal_full_channel_split", "compact",
+           dict(PAPER, rank=0.25, projection="principal", principal_rank=1.0, update_rule="channel",
+                linear_lr_scale=0.25)),
+    # A control, not a peer: AdamW with the same split (attention and MLP weights at lr x 0.25), to read how
+    # much of the projected methods' lead is the split itself.
+    Method("adamw_split", "adamw", dict(linear_lr_scale=0.25)),
 ]}
 DEFAULT_LRS = (4e-3, 2e-3, 8e-3, 1e-3)  # run in this order; the middle of the range first
 
@@ -131,7 +156,7 @@ def skip_reason(method: Method) -> str | None:
         from lightning_compact.projection import PROJECTIONS
 
         accepted = inspect.signature(CompAct).parameters
-        for key in method.options:
+        for key in (k for k in method.options if k != "linear_lr_scale"):
             if key not in accepted:
                 return f"CompAct has no {key!r} argument in this checkout"
         if method.options.get("projection", "gaussian") not in PROJECTIONS:
@@ -210,14 +235,25 @@ def build(method: Method, s: Settings, seed: int, lr: float) -> Run:
 
         apply_lean(model)
     kw = dict(lr=lr, weight_decay=0.0)
+    options = dict(method.options)
+    split = options.pop("linear_lr_scale", None)
+
+    def param_groups() -> Any:
+        # With a split: attention and MLP weights (GaLore's and APOLLO's projected set) at lr x split.
+        if split is None:
+            return model.parameters()
+        linear = {id(p) for p in _attn_mlp_weights(model)}
+        return [{"params": [p for p in model.parameters() if id(p) not in linear]},
+                {"params": [p for p in model.parameters() if id(p) in linear], "lr": lr * split}]
+
     if method.kind == "adamw":
-        return Run(model, torch.optim.AdamW(model.parameters(), **kw))
+        return Run(model, torch.optim.AdamW(param_groups(), **kw))
     if method.kind == "compact":
         from lightning_compact import CompAct
 
-        compact = CompAct(seed=seed, **method.options)
-        compact.convert(model)
-        optimizer = compact.optimizer(torch.optim.AdamW(model.parameters(), **kw))
+        compact = CompAct(seed=seed, **options)
+        compact.convert(model)  # same Parameters: the groups made after it hold the converted weights
+        optimizer = compact.optimizer(torch.optim.AdamW(param_groups(), **kw))
         return Run(model, optimizer, compact)
     projected = _attn_mlp_weights(model)
     ids = {id(p) for p in projected}
@@ -615,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip runs (and the measurement) already on disk")
     parser.add_argument("--report-only", action="store_true", help="summarize what is on disk")
     parser.add_argument("--measure-only", action="store_true", help="measure memory and step time, train nothing")
+    parser.add_argument("--plot-methods", help="comma-separated: the rows drawn in the plot (default: every trained row)")
     args = parser.parse_args(argv)
 
     s = QUICK if args.quick else Settings()
@@ -639,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out
     measure_path = out / f"measure_{s.tag}.json"
-    previous = _load(measure_path) if args.resume else None
+    # --report-only reads what is on disk, the measurement included (without it the table lost its memory columns).
+    previous = _load(measure_path) if args.resume or args.report_only else None
     memory: dict[str, Any] = (previous or {}).get("methods", {})
     data = load_blocks(s)
     missing = [label for label in labels if label not in memory or "error" in memory[label]]
@@ -666,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                "rows": rows, "measure": memory, "provenance": provenance("cpu", argv)}
     write_json(out / f"{stem}.json", summary)
     (out / f"{stem}_table.md").write_text(f"{title}\n\n{format_table(rows)}\n\nSweep (final val loss, seed {seeds[0]}):\n\n{format_sweep(rows)}\n")
-    plot(rows, out / f"{stem}.png", title)
+    shown = set(args.plot_methods.split(",")) if args.plot_methods else None
+    plot([r for r in rows if shown is None or r["method"] in shown], out / f"{stem}.png", title)
     print(title)
     print(format_table(rows))
     print(format_sweep(rows))

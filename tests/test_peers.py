@@ -123,3 +123,14 @@ def test_sweep_extends_past_the_end_the_best_lr_sits_at():
     assert peers.next_lrs(runs({1e-3: 3.0, 2e-3: 2.7, 4e-3: 2.8}), 0, 2) == []
     assert peers.next_lrs(runs({1e-3: 3.0, 2e-3: 2.9, 4e-3: 2.8}), 2, 2) == []  # extended enough
     assert peers.best_lr(runs({1e-3: float("inf"), 2e-3: 2.9})) == 2e-3  # a diverged run never wins
+
+
+def test_report_only_keeps_the_measured_memory_columns(quick):
+    """--report-only (without --resume) summarizes what is on disk, the memory measurement included."""
+    result, out = quick
+    proc = run_python("benchmarks/peers.py", "--quick", "--report-only", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads((out / "peers_quick.json").read_text())
+    before = {r["method"]: r["memory"]["total"] for r in result["rows"]}
+    after = {r["method"]: r.get("memory", {}).get("total") for r in again["rows"]}
+    assert after == before
