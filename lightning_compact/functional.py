@@ -92,30 +92,36 @@ class _CompActLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         compressed, weight, proj, keys = ctx.saved_tensors
-        out_features = grad_output.shape[-1]
-        grad_2d = grad_output.reshape(-1, out_features)
+        needs = ctx.needs_input_grad
+        n = ctx.input_shape[-1]
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = grad_delta = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             # Autocast is off in a custom backward: match dtypes explicitly (e.g. bf16 grad, fp32 W).
-            grad_input = (grad_2d @ weight.to(grad_2d.dtype)).view(ctx.input_shape)
-        if ctx.from_kept_input and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
-            x = compressed.reshape(-1, ctx.input_shape[-1])  # the kept input itself
-            if ctx.needs_input_grad[3]:
+            grad_input = (grad_2d @ _as(weight, grad_2d.dtype)).view(ctx.input_shape)
+        if ctx.from_kept_input and (needs[1] or needs[3]):
+            x = compressed.reshape(-1, n)  # the kept input itself
+            if needs[3]:
                 # Ĝ = (∂L/∂o)ᵀ (x P): the very value the compressed path gives, x·P made here.
-                p = _projection(ctx.input_shape[-1], ctx.rank, proj, keys, ctx.kind, x.dtype)
-                grad_delta = (grad_2d.to(x.dtype).t() @ (x @ p)).to(ctx.delta_dtype)
+                p = _projection(n, ctx.rank, proj, keys, ctx.kind, x.dtype)
+                grad_delta = _as(_as(grad_2d, x.dtype).t() @ (x @ p), ctx.delta_dtype)
             elif ctx.delta_dtype is None:
-                grad_weight = grad_2d.to(x.dtype).t() @ x  # x is there anyway: the exact gradient
-        elif ctx.needs_input_grad[3]:
+                grad_weight = _as(grad_2d, x.dtype).t() @ x  # x is there anyway: the exact gradient
+        elif needs[3]:
             # Ĝ = (∂L/∂o)ᵀ (x P), in δ's dtype (the dtype .grad of the weight would have).
-            grad_delta = (grad_2d.to(compressed.dtype).t() @ compressed).to(ctx.delta_dtype)
-        elif ctx.needs_input_grad[1] and ctx.delta_dtype is None:
-            grad_compressed = grad_2d.to(compressed.dtype).t() @ compressed  # Ĝ: [m, r]
-            p = _projection(ctx.input_shape[-1], ctx.rank, proj, keys, ctx.kind, compressed.dtype)
+            grad_delta = _as(_as(grad_2d, compressed.dtype).t() @ compressed, ctx.delta_dtype)
+        elif needs[1] and ctx.delta_dtype is None:
+            grad_compressed = _as(grad_2d, compressed.dtype).t() @ compressed  # Ĝ: [m, r]
+            p = _projection(n, ctx.rank, proj, keys, ctx.kind, compressed.dtype)
             grad_weight = grad_compressed @ p.t()  # [m, n]
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             grad_bias = grad_2d.sum(0)
         return grad_input, grad_weight, grad_bias, grad_delta, None, None, None, None, None, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # .to() costs a dispatch even when it changes nothing; a step calls this a few hundred times.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # Autograd nodes that return a view of their input (no new storage), and the SDPA kernels
@@ -206,10 +212,27 @@ def compact_linear(
         raise ValueError(f"weight_delta has shape {tuple(weight_delta.shape)}, expected {(weight.shape[0], rank)}")
     if proj is not None and tuple(proj.shape) != (n, rank):
         raise ValueError(f"proj has shape {tuple(proj.shape)}, expected {(n, rank)}")
+    if proj is None and seed is None:
+        raise ValueError("pass seed=... or proj=...")
+    return _compact_linear(input, weight, bias, rank, seed, proj, projection, weight_delta, share_compressed)
+
+
+def _compact_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    seed: int | torch.Tensor | None,
+    proj: torch.Tensor | None,
+    projection: str,
+    weight_delta: torch.Tensor | None,
+    share_compressed: bool,
+) -> torch.Tensor:
+    # compact_linear without the argument checks, for CompActLinear, whose arguments are
+    # valid by construction: at small micro-batches the checks were a visible part of a step.
+    n = weight.shape[1]
     keys = None
     if proj is None:
-        if seed is None:
-            raise ValueError("pass seed=... or proj=...")
         keys = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed_keys(seed), dtype=torch.int32)
         keys = keys.to(input.device)
     source = input
@@ -222,16 +245,16 @@ def compact_linear(
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     compressed = kept = None
-    tracked = weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad)
+    tracked = (weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad)) and torch.is_grad_enabled()
+    compiling = torch.compiler.is_compiling()
     if (
-        tracked and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        tracked and not compiling and input_kept_elsewhere(source)
         and input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()  # no autocast copy
-        and input_kept_elsewhere(source)
     ):
         # Its storage stays alive for SDPA's backward: saving x·P as well would only add memory.
         kept = input
-    elif tracked and torch.is_grad_enabled():
-        sharing = share_compressed and not torch.compiler.is_compiling()
+    elif tracked:
+        sharing = share_compressed and not compiling
         compressed = key = None
         if sharing:
             # Which P: the very cache or key tensor (siblings share one), or the int seed.

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_compact._torch_private import adopt_module_hooks
 from lightning_compact.distributed import is_dtensor
-from lightning_compact.functional import GRAD_MODES, compact_linear
+from lightning_compact.functional import GRAD_MODES, _compact_linear
 from lightning_compact.principal import broadcast_basis_, principal_projection, resolve_principal_rank
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
@@ -480,17 +480,17 @@ class CompActLinear(nn.Linear):
             self._decide_cache(input)
         if self.basis_pending:
             self.refresh_principal_basis(input)
-        return compact_linear(
+        return _compact_linear(  # compact_linear without its argument checks: valid by construction
             input,
             self.linear_weight(),
             self.bias,
-            rank=self.rank,
-            seed=self.projection_keys,
-            proj=self.projection_cache,
-            projection=self.projection,
+            self.rank,
+            self.projection_keys,
+            self.projection_cache,
+            self.projection,
             # A weight frozen after conversion stays frozen: no Ĝ for it either.
-            weight_delta=self.weight_delta if self.weight.requires_grad else None,
-            share_compressed=self.share_projection,
+            self.weight_delta if self.weight.requires_grad else None,
+            self.share_projection,
         )
 
     def _decide_cache(self, input: torch.Tensor) -> None:
