@@ -173,7 +173,7 @@ def test_help_lists_every_subcommand_including_estimate(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "{fit,validate,test,estimate}" in out
+    assert "{fit,validate,test,estimate,demo}" in out
     assert "lightning-compact estimate --help" in out
 
 
