@@ -100,7 +100,9 @@ def test_compressing_lora_inputs_saves_exactly_the_adapted_inputs():
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     plain = _saved_bytes(model, tokens)
     CompAct(rank=0.25, share_projection=True).convert(model)
-    _saved_bytes(model, tokens)  # measured at the second step: the tracker under-counts a converted model's first one
+    # Measured at the second step: the tracker can under-count a converted model's first step by a few KiB,
+    # varying run to run (storages merged by address; not understood yet, see RESULTS' to-do).
+    _saved_bytes(model, tokens)
     compressed = _saved_bytes(model, tokens)
     per_token = layers * ((hidden - hidden // 4) * 2 + (intermediate - intermediate // 4))  # qkv, gate/up, down
     assert plain - compressed == per_token * tokens.numel() * 4
