@@ -101,7 +101,7 @@ def test_compressing_lora_inputs_saves_exactly_the_adapted_inputs():
     plain = _saved_bytes(model, tokens)
     CompAct(rank=0.25, share_projection=True).convert(model)
     # Measured at the second step: the tracker can under-count a converted model's first step by a few KiB,
-    # varying run to run (two storages merged by address, the cause not found yet; steady-state steps are exact).
+    # varying run to run (cause not found; steady-state steps are exact).
     _saved_bytes(model, tokens)
     compressed = _saved_bytes(model, tokens)
     per_token = layers * ((hidden - hidden // 4) * 2 + (intermediate - intermediate // 4))  # qkv, gate/up, down
