@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh memory    # <= 9 min on an H200: issue 11's GPU rows
 #   bash benchmarks/gpu_session.sh quality   # ~5 min: issue 10's LLaMA-60M run (needs the token file)
+#   bash benchmarks/gpu_session.sh precision # ~3 min: issue 22's 16-mixed compressed run and SDPA's kept outputs
 #
 # From the development machine, through the device tool (results come back under $OUT):
 #   run(command="bash benchmarks/gpu_session.sh memory", timeout_s=540)
@@ -47,12 +48,17 @@ quality)
     step gpu_quality 480 python benchmarks/gpu_quality.py train --tokens benchmarks/data/kjv_wordpiece.pt \
         --out "$OUT/gpu_quality.json" --plot "$OUT/gpu_quality.png" --time-limit 400
     ;;
+precision)
+    # Issue 22: 16-mixed + GradScaler in compressed mode against bf16-mixed (loss curves, a forced overflow
+    # step), and which attention outputs SDPA keeps on CUDA (o_proj, GPT-2's c_proj with and without dropout).
+    step gpu_precision 300 python benchmarks/gpu_precision.py --steps 300 --out "$OUT/gpu_precision.json"
+    ;;
 speed)
     # Eager and fullgraph-compiled tokens/s, the orthogonal projection's QR included.
     step gpu_speed 480 python benchmarks/gpu_speed.py --out "$OUT/gpu_speed.json"
     ;;
 *)
-    echo "usage: $0 memory|quality|speed" >&2
+    echo "usage: $0 memory|quality|speed|precision" >&2
     exit 2
     ;;
 esac

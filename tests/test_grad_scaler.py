@@ -136,3 +136,20 @@ def test_lightning_16_mixed_with_a_scaler_trains_compressed_and_skips_an_overflo
     assert all(torch.equal(a, b) for a, b in zip(after[1], after[2]))  # the overflow step changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(after[2], after[3]))
     assert plugin.scaler.get_scale() == 2.0**7
+
+
+def test_the_gpu_precision_script_runs_on_a_cpu_without_the_data_dependencies(tmp_path):
+    """benchmarks/gpu_precision.py, as the device machine runs it (no datasets, no jsonargparse), on a CPU."""
+    import json
+
+    from helpers import WITHOUT_DATA_DEPS, run_python
+
+    out = tmp_path / "precision.json"
+    proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu_precision.py", "--device", "cpu", "--steps", "5",
+                      "--batch", "2", "--seq", "32", "--overflow-at", "2", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert rows["16-mixed compressed"]["overflow_step"]["weights_unchanged"] is True
+    assert rows["16-mixed compressed"]["overflow_step"]["scale_after"] == rows["16-mixed compressed"]["overflow_step"]["scale_before"] / 2
+    assert all(r["finite"] for r in rows.values())
