@@ -124,13 +124,15 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# Autograd nodes that return a view of their input (no new storage), and the SDPA kernels
-# that keep their output for their own backward (flash / memory-efficient / cuDNN; the math
-# fallback, used e.g. with attention dropout on CPU, keeps its inputs instead).
-_VIEW_NODES = frozenset({
-    "ViewBackward0", "UnsafeViewBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
-    "ReshapeAliasBackward0", "AsStridedBackward0", "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-    "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SliceBackward0", "SelectBackward0",
+# Autograd nodes that return a view of their input (no new storage; also read by the memory
+# tracker), and the SDPA kernels that keep their output for their own backward (flash /
+# memory-efficient / cuDNN; the math fallback, used e.g. with attention dropout on CPU, keeps
+# its inputs instead).
+VIEW_NODES = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "TransposeBackward0", "TransposeBackward1", "TBackward0",
+    "PermuteBackward0", "ReshapeAliasBackward0", "AsStridedBackward0", "AliasBackward0", "ExpandBackward0",
+    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3",
+    "SliceBackward0", "SelectBackward0",
 })
 _OUTPUT_KEEPING_NODES = (
     "ScaledDotProductFlashAttention", "ScaledDotProductEfficientAttention", "ScaledDotProductCudnnAttention",
@@ -152,7 +154,7 @@ def input_kept_elsewhere(input: torch.Tensor, max_depth: int = 8) -> bool:
         name = type(fn).__name__
         if name.startswith(_OUTPUT_KEEPING_NODES):
             return True
-        if name not in _VIEW_NODES or not fn.next_functions:
+        if name not in VIEW_NODES or not fn.next_functions:
             return False
         fn = fn.next_functions[0][0]
     return False

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_compact.functional import observe_compressed_inputs
+from lightning_compact.functional import VIEW_NODES, observe_compressed_inputs
 
 __all__ = ["SavedActivations", "SavedActivationTracker"]
 
@@ -53,9 +53,6 @@ class SavedActivations:
         return self.uncompressed_bytes - self.bytes + self.compressed_bytes
 
 
-_VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0", "ExpandBackward0"})
-
-
 def _is_parameter_copy(t: torch.Tensor) -> bool:
     """A dtype cast of a trainable Parameter, or a view of one (autocast's weight copies).
 
@@ -64,7 +61,7 @@ def _is_parameter_copy(t: torch.Tensor) -> bool:
     """
     fn = t.grad_fn
     for _ in range(4):
-        if fn is None or type(fn).__name__ not in _VIEW_NODES:
+        if fn is None or type(fn).__name__ not in VIEW_NODES:
             break
         fn = fn.next_functions[0][0] if fn.next_functions else None
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
