@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from provenance import provenance, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -144,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -164,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     kept = kept_attention_outputs(device)
     print(json.dumps(kept))
     if args.out is not None:
-        from provenance import provenance, write_json
-
         write_json(args.out, {"provenance": provenance(device, argv), "settings": {k: str(v) for k, v in vars(args).items()},
                               "rows": rows, "fp16_over_bf16": ratio, "kept_attention_outputs": kept})
     return 0

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact import CompActCallback
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
+from provenance import provenance, write_json
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=24, num_attention_heads=4)
 
@@ -96,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in CONFIGS:
         print(f"{name}: median step {statistics.median(medians[name]) * 1e3:.2f} ms, {ratios[name]:.3f}x the baseline")
     if args.out is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from provenance import provenance, write_json
-
         write_json(args.out, {"provenance": provenance("cpu", argv), "settings": {k: str(v) for k, v in vars(args).items()},
                               "median_step_seconds": medians, "ratio_to_baseline": ratios})
     return 0

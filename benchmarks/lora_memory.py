@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from provenance import provenance, write_json
+
 
 def build(hidden: int, intermediate: int, layers: int, vocab: int, r_lora: int) -> torch.nn.Module:
     import transformers
@@ -121,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row['total'] / plain['total']:.3f} |")
     print("\n".join(lines))
     if args.out is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from provenance import provenance, write_json
-
         write_json(args.out, {"provenance": provenance("cpu", argv), "settings": vars(args) | {"out": str(args.out)},
                               "rows": rows, "table": lines})
     return 0

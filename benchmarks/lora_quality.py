@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from provenance import provenance, write_json
+
 # Book indices (0-based, KJV order) where each part starts.
 PARTS = (("law", 0), ("history and wisdom", 5), ("prophets", 22), ("new testament", 39))
 ARMS: dict[str, dict[str, Any] | None] = {
@@ -163,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"{statistics.mean(diff):+.2f} | {statistics.mean(r['macro_f1'] for r in mine):.4f} |")
     print("\n".join(lines))
     if args.out is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from provenance import provenance, write_json
-
         write_json(args.out, {"provenance": provenance("cpu", argv), "settings": {k: str(v) for k, v in vars(args).items()},
                               "majority_accuracy": majority, "rows": rows, "table": lines})
     return 0
