@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh memory    # <= 9 min on an H200: issue 11's GPU rows
 #   bash benchmarks/gpu_session.sh quality   # ~5 min: issue 10's LLaMA-60M run (needs the token file)
 #   bash benchmarks/gpu_session.sh precision # ~3 min: issue 22's 16-mixed compressed run and SDPA's kept outputs
+#   bash benchmarks/gpu_session.sh start     # ~4 min: issue 22's LLaMA-7B start from meta against a host build
 #
 # From the development machine, through the device tool (results come back under $OUT):
 #   run(command="bash benchmarks/gpu_session.sh memory", timeout_s=540)
@@ -53,12 +54,17 @@ precision)
     # step), and which attention outputs SDPA keeps on CUDA (o_proj, GPT-2's c_proj with and without dropout).
     step gpu_precision 300 python benchmarks/gpu_precision.py --steps 300 --out "$OUT/gpu_precision.json"
     ;;
+start)
+    # Issue 22: LLaMA-7B with CompAct n/4 built on meta and materialized on the GPU against a build in host
+    # memory: seconds to the first step, host peak RSS growth, max_memory_allocated.
+    step gpu_meta_init 420 python benchmarks/gpu_meta_init.py --out "$OUT/gpu_meta_init.json"
+    ;;
 speed)
     # Eager and fullgraph-compiled tokens/s, the orthogonal projection's QR included.
     step gpu_speed 480 python benchmarks/gpu_speed.py --out "$OUT/gpu_speed.json"
     ;;
 *)
-    echo "usage: $0 memory|quality|speed|precision" >&2
+    echo "usage: $0 memory|quality|speed|precision|start" >&2
     exit 2
     ;;
 esac

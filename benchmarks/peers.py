@@ -132,6 +132,38 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("compact_n4_principal_full_channel_split", "compact",
            dict(PAPER, rank=0.25, projection="principal", principal_rank=1.0, update_rule="channel",
                 linear_lr_scale=0.25)),
+    # Which of APOLLO's differences from compact_n4_channel_split matter: a principal (low-variance) P, the
+    # attention output converted too (APOLLO projects it), APOLLO's window T = 200, a fresh P every step, and
+    # r = 0.9 n with an orthogonal P (a near-exact gradient: the estimator's variance taken away).
+    Method("compact_n4_principal_channel_split", "compact",
+           dict(PAPER, rank=0.25, projection="principal", update_rule="channel", linear_lr_scale=0.25)),
+    Method("compact_n4_channel_split_all", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", linear_lr_scale=0.25, default_exclusions=False,
+                exclude_modules=["lm_head"])),
+    Method("compact_n4_split_all", "compact",
+           dict(PAPER, rank=0.25, linear_lr_scale=0.25, default_exclusions=False, exclude_modules=["lm_head"])),
+    Method("compact_n4_channel_all", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", default_exclusions=False, exclude_modules=["lm_head"])),
+    Method("compact_n8_channel_split_all", "compact",
+           dict(PAPER, rank=0.125, update_rule="channel", linear_lr_scale=0.25, default_exclusions=False,
+                exclude_modules=["lm_head"])),
+    # The same through CompAct's own options: alpha = 0.25 (the paper's, for pretraining) now reaches every
+    # attention and MLP weight because the attention output is converted too: the split without param groups.
+    Method("compact_n4_channel_a25_all", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", scale=0.25, default_exclusions=False, exclude_modules=["lm_head"])),
+    Method("compact_n8_channel_a25_all", "compact",
+           dict(PAPER, rank=0.125, update_rule="channel", scale=0.25, default_exclusions=False, exclude_modules=["lm_head"])),
+    Method("compact_n4_channel_a25_all_t200", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", scale=0.25, default_exclusions=False, exclude_modules=["lm_head"],
+                update_proj_gap=200)),
+    Method("compact_n8_channel_all", "compact",
+           dict(PAPER, rank=0.125, update_rule="channel", default_exclusions=False, exclude_modules=["lm_head"])),
+    Method("compact_n4_channel_split_t200", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", linear_lr_scale=0.25, update_proj_gap=200)),
+    Method("compact_n4_channel_split_t1", "compact",
+           dict(PAPER, rank=0.25, update_rule="channel", linear_lr_scale=0.25, update_proj_gap=1)),
+    Method("compact_n90_orth_channel_split", "compact",
+           dict(PAPER, rank=0.9, projection="orthogonal", update_rule="channel", linear_lr_scale=0.25)),
     # A control, not a peer: AdamW with the same split (attention and MLP weights at lr x 0.25), to read how
     # much of the projected methods' lead is the split itself.
     Method("adamw_split", "adamw", dict(linear_lr_scale=0.25)),

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_compact.distributed import broadcast_parameters, decompress, exclude_from_ddp
+from lightning_compact.distributed import broadcast_parameters, decompress, exclude_from_ddp, is_dtensor
 from lightning_compact.functional import GRAD_MODES
 from lightning_compact.layers import (
     CompActConfig,
@@ -316,6 +316,7 @@ class CompAct:
         """Keep cached projections in ``dtype`` (e.g. the autocast dtype, so no cast per forward)."""
         leaders: dict[int, torch.Tensor] = {}
         for layer in self.layers.values():
+            layer.cache_dtype = dtype
             cache = layer.projection_cache
             if cache is None or dtype is None or cache.dtype == dtype:
                 continue
@@ -324,6 +325,17 @@ class CompAct:
                 leaders[id(cache)] = layer.projection_cache
             else:
                 layer.projection_cache = leaders[id(cache)]
+
+    def note_sharding(self) -> None:
+        """Record how many ranks share each converted weight (FSDP2's ``fully_shard``; call it after sharding).
+
+        ``cache_projections="auto"`` then weighs a layer's cache against the rows of the
+        weight a rank holds, not the whole weight: every rank holds the whole ``P``.
+        """
+        for layer in self.layers.values():
+            weight = layer.weight
+            sharded = is_dtensor(weight) and any(p.is_shard() for p in weight.placements)
+            layer.weight_shards = weight.device_mesh.size() if sharded else 1
 
     @property
     def projection_cache_bytes(self) -> int:
@@ -359,6 +371,7 @@ class CompAct:
         Raises:
             ValueError: compressed mode with an optimizer that has no compressed form.
         """
+        self.note_sharding()
         if not self.compressed_layers or not self.holds_converted(optimizer):
             return optimizer
         for layer in self.compressed_layers.values():

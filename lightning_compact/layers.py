@@ -252,6 +252,8 @@ class CompActLinear(nn.Linear):
     share_projection: bool
     seed_name: str
     cache_mode: bool | str
+    weight_shards: int = 1  # ranks sharing the weight (FSDP2), for "auto"
+    cache_dtype: torch.dtype | None = None  # CompAct.set_projection_dtype's, for a cache built later
     projection_keys: torch.Tensor
     projection_cache: torch.Tensor | None
     weight_delta: nn.Parameter | None
@@ -413,6 +415,23 @@ class CompActLinear(nn.Linear):
             delta.data = torch.zeros((), dtype=delta.dtype, device=delta.device).expand(delta.shape)
         _link(delta, self)
 
+    @torch.no_grad()
+    def reset_compact_state(self) -> None:
+        """Rewrite the state ``to_empty`` leaves uninitialized: the projection keys, the cache, a zero ``weight_delta``.
+
+        For a layer converted on the ``meta`` device and then materialized
+        (:func:`lightning_compact.meta_init.materialize_`); the weight is the caller's to initialize.
+        """
+        self.write_projection_keys()
+        if self.cache_mode == "auto" and not self.share_projection:
+            self.projection_cache = None  # built at the first training forward if "auto" keeps it
+        elif self.projection_cache is not None:
+            self.refresh_projection_cache()
+        if self.weight_delta is not None:
+            if self.delta_materialized:
+                self.weight_delta.zero_()
+            self._normalize_delta()
+
     def link_delta(self) -> None:
         """Mark the current ``weight_delta`` as this layer's (:func:`delta_owner`), e.g. after FSDP2 replaced it."""
         if self.weight_delta is not None:
@@ -500,15 +519,22 @@ class CompActLinear(nn.Linear):
         # in every forward and backward costs the most host time, and where such a cache is
         # small beside the weight, its gradient and its moments. Dropped: a cache larger than
         # both (a wide input with a narrow output, e.g. a LoRA down-projection, at few tokens).
+        # Under FSDP2 the weight a rank holds is its shard (weight_shards: CompAct.note_sharding).
         tokens = input.numel() // self.in_features
         saved = tokens * (self.in_features - self.rank) * input.element_size()
-        weight = self.weight.numel() * self.weight.element_size()
+        weight = self.weight.numel() * self.weight.element_size() // self.weight_shards
         limit = max(_AUTO_CACHE_LIMIT * saved, weight)
-        if self.projection_cache is not None and self.projection_cache_bytes > limit:
+        dtype = self.cache_dtype or self.weight.dtype
+        cache_bytes = self.in_features * self.rank * dtype.itemsize
+        if self.projection_cache is not None:
+            cache_bytes = self.projection_cache_bytes
+        if cache_bytes > limit:
             self.projection_cache = None
             self.cache_mode = False
         else:
-            self.cache_mode = self.projection_cache is not None
+            if self.projection_cache is None:  # not built yet (a model materialized from meta)
+                self.refresh_projection_cache(dtype)
+            self.cache_mode = True
 
     def to_plain(self) -> nn.Module:
         """The plain layer (``nn.Linear``) with this layer's very Parameters and hooks (``weight_delta`` dropped)."""

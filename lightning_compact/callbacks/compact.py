@@ -329,6 +329,7 @@ class CompActCallback(Callback):
                 "(see the skip reasons below); training runs uncompressed."
             )
         self._decompressed_before_step = False
+        self.compact.note_sharding()
         if self.compact.compressed_layers:
             self._swap_optimizers(trainer)
         if isinstance(trainer.strategy, DDPStrategy):

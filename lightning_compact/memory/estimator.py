@@ -381,6 +381,18 @@ def describe(shape: RunShape) -> str:
     )
 
 
+def startup_note(shape: RunShape, n_params: int, units: str = "GiB") -> str:
+    """What each rank allocates before its first step: the whole model in host memory, or (``empty_init``) its shard."""
+    whole = format_bytes(4 * n_params, units)  # CausalLMModule builds in float32 before precision applies
+    if shape.strategy == "fsdp2" and shape.empty_init:
+        return (f"Start-up: built on meta (empty_init), each rank allocates only its shard, on its device "
+                f"({format_bytes(4 * n_params // shape.world_size, units)} {units} in float32); no rank holds the "
+                f"whole model ({whole} {units}).")
+    hint = " Set `model.init_args.empty_init: true` to build on meta and allocate shards only." \
+        if shape.strategy == "fsdp2" else ""
+    return f"Start-up: each rank first builds the whole model in host memory ({whole} {units} in float32).{hint}"
+
+
 def report(shape: RunShape, results: Sequence[Estimate], units: str = "GiB") -> str:
     """The breakdown table, then Table 1's savings beside the measured ones."""
     n_params = results[0].parameters if results else 0
@@ -389,6 +401,8 @@ def report(shape: RunShape, results: Sequence[Estimate], units: str = "GiB") -> 
     base = next((r for r in results if r.variant == Variant()), None)
     lines.append(format_table(rows, units, baseline=base.variant.label if base else None))
     lines += ["", "Categories at the moment of the peak; storages shared by several tensors counted once."]
+    if shape.world_size > 1:
+        lines += ["", startup_note(shape, n_params, units)]
     # Table 1 covers CompAct alone: rows that also change other activations are left out.
     compact = [r for r in results if r.table1 is not None and not r.variant.lean and r.variant.checkpointing is None]
     if base is not None and compact:

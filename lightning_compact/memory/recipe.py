@@ -68,6 +68,9 @@ class RunShape:
         world_size: processes of the run (``trainer.devices`` × ``trainer.num_nodes``); the
             figures are one rank's, and ``batch_size`` is per rank.
         strategy: ``None`` (one process), ``"ddp"`` or ``"fsdp2"`` (``ModelParallelStrategy``).
+        empty_init: the module is built on ``meta`` and each rank allocates only its shard
+            (``CausalLMModule(empty_init=True)``); otherwise every rank first builds the whole
+            model in host memory.
     """
 
     model: str
@@ -84,6 +87,7 @@ class RunShape:
     checkpointing: str | None = None
     world_size: int = 1
     strategy: str | None = None
+    empty_init: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -201,6 +205,7 @@ def read_recipe(path: str | Path) -> RunShape:
         checkpointing=checkpointing,
         world_size=world_size,
         strategy=strategy,
+        empty_init=bool(model_args.get("empty_init", False)),
     )
 
 

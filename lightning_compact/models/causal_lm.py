@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from lightning_compact.distributed import is_dtensor
+from lightning_compact.meta_init import has_meta_tensors, load_full_state_dict, materialize_
 from lightning_compact.models.hf import build_hf_model
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from lightning_compact.models.schedule import Decay, adamw_with_schedule
@@ -67,6 +69,19 @@ class CausalLMModule(pl.LightningModule):
         warmup_ratio: share of the run spent in linear warmup (the paper: 0.1).
         min_lr_ratio: final learning rate as a fraction of ``lr`` (the paper: 0.1).
         decay: ``cosine`` (the paper), ``linear`` or ``constant`` after warmup.
+        empty_init: build the model on the ``meta`` device (no memory) and allocate it in
+            :meth:`configure_model`, after ``fully_shard`` under ``ModelParallelStrategy``:
+            each rank then holds only its shard, never the whole model. Weights are drawn
+            by name (:func:`~lightning_compact.meta_init.keyed_normal_`), equal for any
+            number of ranks to a single process's with the same ``init_seed``.
+        init_seed: the seed of that initialization (``None``: ``torch.initial_seed()``,
+            which ``seed_everything`` sets alike on every rank).
+        init_checkpoint: a full (unsharded) state dict to start from: a ``torch.save``
+            file, a ``.safetensors`` file or a folder of them (a Hugging Face model
+            folder). Loaded in :meth:`configure_model`; when sharded, only rank 0 reads it
+            (:func:`~lightning_compact.meta_init.load_full_state_dict`). With
+            ``empty_init`` and ``pretrained``, a ``transformers`` model's own weights are
+            loaded this way.
     """
 
     def __init__(
@@ -80,14 +95,26 @@ class CausalLMModule(pl.LightningModule):
         warmup_ratio: float = 0.1,
         min_lr_ratio: float = 0.1,
         decay: Decay = "cosine",
+        empty_init: bool = False,
+        init_seed: int | None = None,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.native = model in LLAMA_PRESETS
+        self.init_seed = torch.initial_seed() if init_seed is None else init_seed
+        self.init_checkpoint = init_checkpoint
         if self.native:
-            self.model = build_llama(model, config_overrides)
+            with torch.device("meta") if empty_init else contextlib.nullcontext():
+                self.model = build_llama(model, config_overrides)
         else:
-            self.model = build_hf_model("causal-lm", model, pretrained=pretrained, config_overrides=config_overrides)
+            self.model = build_hf_model("causal-lm", model, pretrained=pretrained, config_overrides=config_overrides,
+                                        empty_init=empty_init)
+            if empty_init and pretrained and init_checkpoint is None:
+                from lightning_compact.models.hf import hf_checkpoint_dir
+
+                self.init_checkpoint = hf_checkpoint_dir(model)
+        self._checkpoint_loaded = False
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
 
@@ -111,19 +138,35 @@ class CausalLMModule(pl.LightningModule):
         self.test_ppl.reset()
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``, shard with FSDP2: each decoder layer, then the rest.
+        """Shard with FSDP2 under ``ModelParallelStrategy``, then allocate and load what is still to be.
 
-        Runs after :class:`~lightning_compact.CompActCallback`'s ``setup``, so the converted
-        layers (and their ``weight_delta``) are sharded with their block.
+        Sharding: each decoder layer, then the rest. This runs after
+        :class:`~lightning_compact.CompActCallback`'s ``setup``, so the converted layers (and
+        their ``weight_delta``) are sharded with their block. A model built on ``meta``
+        (``empty_init``) is then materialized, each rank allocating only its shard, and
+        ``init_checkpoint`` is loaded once.
         """
-        if self.device_mesh is None or any(is_dtensor(p) for p in self.parameters()):
-            return  # not a model-parallel run, or sharded already (configure_model runs for each trainer call)
-        from torch.distributed.fsdp import fully_shard
+        if self.device_mesh is not None and not any(is_dtensor(p) for p in self.parameters()):
+            # (configure_model runs for each trainer call: shard once)
+            from torch.distributed.fsdp import fully_shard
 
-        mesh = self.device_mesh["data_parallel"]
-        for block in decoder_layers(self.model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+            mesh = self.device_mesh["data_parallel"]
+            for block in decoder_layers(self.model):
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        if has_meta_tensors(self.model):
+            materialize_(self.model, self.trainer.strategy.root_device, self._initialize)
+        if self.init_checkpoint is not None and not self._checkpoint_loaded:
+            load_full_state_dict(self.model, self.init_checkpoint)
+            self._checkpoint_loaded = True
+
+    def _initialize(self, model: nn.Module) -> None:
+        if self.native:
+            model.reset_parameters(seed=self.init_seed)
+        else:
+            from lightning_compact.models.hf import init_hf_weights_
+
+            init_hf_weights_(model, self.init_seed)
 
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids) if self.native else self.model(input_ids=input_ids).logits

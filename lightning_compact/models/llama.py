@@ -69,6 +69,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.lean = lean
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean:
             return rms_norm(x, self.weight, self.eps)
@@ -82,10 +85,19 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim, self.theta = head_dim, theta
         # Non-persistent: recomputable, keeps state_dict identical to the HF layout.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.max_positions = max_positions
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta ** exponents)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute the table (after ``to_empty`` of a model built on ``meta``)."""
+        self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -181,7 +193,31 @@ class LlamaForCausalLM(nn.Module):
         self.lean_loss = config.lean
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Initialize every parameter: N(0, std²) matrices (``std/√(2L)`` for ``o_proj`` and ``down_proj``), unit norms.
+
+        Args:
+            std: the matrices' standard deviation.
+            seed: ``None`` draws from torch's global generator (what the constructor does);
+                an int draws each parameter by name with
+                :func:`~lightning_compact.meta_init.keyed_normal_`, so that a model
+                materialized shard by shard under FSDP2 gets exactly the values a single
+                process gets with the same seed.
+        """
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        if seed is not None:
+            from lightning_compact.meta_init import keyed_normal_
+
+            residual = {id(p) for layer in self.model.layers
+                        for p in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)}
+            for name, p in self.named_parameters():
+                if p.ndim >= 2 and not name.endswith("weight_delta"):
+                    keyed_normal_(p, std=residual_std if id(p) in residual else std, seed=seed, key=name)
+            return
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
@@ -190,7 +226,6 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         # Scaled init of the residual projections (GPT-2 style) keeps deep stacks stable.
-        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for layer in self.model.layers:
             nn.init.normal_(layer.self_attn.o_proj.weight, std=residual_std)
             nn.init.normal_(layer.mlp.down_proj.weight, std=residual_std)
