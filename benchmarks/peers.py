@@ -91,12 +91,17 @@ class Method:
 GALORE = dict(rank_fraction=0.25, update_proj_gap=200, scale=0.25, proj_type="std")
 APOLLO = dict(rank_fraction=0.25, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")
 APOLLO_MINI = dict(rank=1, proj="random", scale_type="tensor", scale=128.0, update_proj_gap=200, proj_type="std")
-# The paper's CompAct: Gaussian P, compressed gradients, CompActAdamW, T=50, alpha=1 (this
-# package's default: an AdamW learning rate keeps its meaning).
-PAPER = dict(grad_mode="compressed", update_proj_gap=50)
+# The paper's CompAct: Gaussian P, compressed gradients, CompActAdamW with its update rule, o_proj
+# exact, T=50, alpha=1 (an AdamW learning rate keeps its meaning). Spelled out: since 0.3 the
+# package's defaults are the channel rule with attention outputs converted (DEFAULTS below).
+PAPER = dict(grad_mode="compressed", update_proj_gap=50, update_rule="adam", exclude_modules=["o_proj"])
+# The package's defaults (0.3): nothing but the rank and the benchmark's T.
+DEFAULTS = dict(grad_mode="compressed", update_proj_gap=50)
 
 METHODS: dict[str, Method] = {m.label: m for m in [
     Method("adamw", "adamw"),
+    Method("compact_n4_default", "compact", dict(DEFAULTS, rank=0.25)),
+    Method("compact_n8_default", "compact", dict(DEFAULTS, rank=0.125)),
     Method("compact_n4", "compact", dict(PAPER, rank=0.25)),
     Method("compact_n8", "compact", dict(PAPER, rank=0.125)),
     Method("compact_n4_orth", "compact", dict(PAPER, rank=0.25, projection="orthogonal")),

@@ -513,6 +513,15 @@ class CompAct:
             f"Up to {saved_total} B per token fewer saved for the backward pass "
             f"({bytes_per_element} B per element; layers sharing one input, like q/k/v, save less together)."
         )
+        deltas = [layer.weight_delta for layer in self.layers.values() if layer.weight_delta is not None]
+        if deltas:
+            # Lightning's model summary counts them as parameters: say what they are.
+            count = sum(d.numel() for d in deltas)
+            footer += (
+                f"\nweight_delta: {count / 1e6:.2f} M parameters the model summary counts as trainable beside the "
+                "model's own: each compressed layer's [out, r] carrier of Ĝ and of its r-space moments, always zero "
+                "in the forward, dropped by restore."
+            )
         return "\n".join([header, *lines, footer])
 
     def state_dict(self) -> dict[str, Any]:

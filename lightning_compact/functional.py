@@ -8,8 +8,9 @@ Forward is exactly ``F.linear``. Backward:
 
 An input that is (a view of) an SDPA kernel's output, which that kernel keeps for its own
 backward (an attention output projection's, in most models), is saved as it is instead of
-``x·P``: no new memory. ``Ĝ`` is then made from it in the backward (the same value), and in
-decompressed mode ``weight.grad`` is the exact gradient (see :func:`input_kept_elsewhere`).
+``x·P``: no new memory. ``Ĝ`` is then made from it in the backward: the same value, in both
+gradient modes, so a compiled model (which stores ``x·P`` there) computes what eager does
+(see :func:`input_kept_elsewhere`).
 
 Where ``Ĝ`` goes is the *gradient mode*:
 
@@ -76,12 +77,12 @@ class _CompActLinearFunction(torch.autograd.Function):
         decompress = weight_delta is None and ctx.needs_input_grad[1]
         # Save only what each gradient needs: W for ∂L/∂x, x·P for ∂L/∂W, and P (a cached
         # tensor, no new memory) or its keys where Ĝ is decompressed, or made from the kept input.
-        need_p = kept is not None and not decompress
+        need_p = kept is not None or decompress
         ctx.save_for_backward(
             compressed if kept is None else kept,
             weight if ctx.needs_input_grad[0] else None,
-            proj if need_p or (decompress and kept is None) else None,
-            keys if proj is None and (need_p or (decompress and kept is None)) else None,
+            proj if need_p else None,
+            keys if proj is None and need_p else None,
         )
         ctx.from_kept_input = kept is not None
         ctx.input_shape = input.shape
@@ -99,14 +100,16 @@ class _CompActLinearFunction(torch.autograd.Function):
         if needs[0]:
             # Autocast is off in a custom backward: match dtypes explicitly (e.g. bf16 grad, fp32 W).
             grad_input = (grad_2d @ _as(weight, grad_2d.dtype)).view(ctx.input_shape)
-        if ctx.from_kept_input and (needs[1] or needs[3]):
-            x = compressed.reshape(-1, n)  # the kept input itself
+        if ctx.from_kept_input and (needs[3] or (needs[1] and ctx.delta_dtype is None)):
+            # Ĝ = (∂L/∂o)ᵀ (x P) from the kept input: the very value a stored x·P gives (not the
+            # exact gradient in decompressed mode, which a compiled graph, storing x·P, could not match).
+            x = compressed.reshape(-1, n)
+            p = _projection(n, ctx.rank, proj, keys, ctx.kind, x.dtype)
+            g_hat = _as(grad_2d, x.dtype).t() @ (x @ p)
             if needs[3]:
-                # Ĝ = (∂L/∂o)ᵀ (x P): the very value the compressed path gives, x·P made here.
-                p = _projection(n, ctx.rank, proj, keys, ctx.kind, x.dtype)
-                grad_delta = _as(_as(grad_2d, x.dtype).t() @ (x @ p), ctx.delta_dtype)
-            elif ctx.delta_dtype is None:
-                grad_weight = _as(grad_2d, x.dtype).t() @ x  # x is there anyway: the exact gradient
+                grad_delta = _as(g_hat, ctx.delta_dtype)
+            else:
+                grad_weight = g_hat @ p.t()
         elif needs[3]:
             # Ĝ = (∂L/∂o)ᵀ (x P), in δ's dtype (the dtype .grad of the weight would have).
             grad_delta = _as(_as(grad_2d, compressed.dtype).t() @ compressed, ctx.delta_dtype)

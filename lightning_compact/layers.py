@@ -54,21 +54,20 @@ __all__ = [
 # Left uncompressed by default, with the reason shown in the conversion table.
 # Output heads: small inputs, large outputs, and the paper leaves them exact.
 # Poolers (BERT-style) see one token per sequence: nothing to save, only noise to add.
-# Attention output projections named o_proj / out_proj: in this project's LLaMA and in
-# transformers' Llama/Mistral/Qwen2 with SDPA attention (their default) the projection's
-# input is the very storage the SDPA kernel keeps for its own backward, so compressing it
-# saves nothing and only adds noise. Elsewhere the attention output is a fresh copy
-# (transpose + reshape) that nothing else keeps: GPT-2's attn.c_proj, BERT/RoBERTa's
-# attention.output.dense, T5's SelfAttention.o / EncDecAttention.o and litgpt's attn.proj
-# are converted (tests/test_attention_output.py measures each family's saved bytes both ways).
+# Attention outputs (o_proj, out_proj, c_proj, attention.output.dense, T5's o, litgpt's
+# attn.proj) are converted: where the SDPA kernel keeps the projection's input for its own
+# backward (this project's LLaMA, transformers' Llama/Mistral/Qwen2 with SDPA), the layer
+# saves that storage instead of x·P (functional.input_kept_elsewhere: no memory either way),
+# and elsewhere the input is a fresh copy that x·P replaces (tests/test_attention_output.py
+# measures each family both ways). Converted, they also keep their Adam moments in r-space and
+# take the same update rule (and α) as every other attention and MLP weight, which is what
+# brought CompAct level with GaLore on benchmarks/peers.py.
 DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "lm_head": "output head",
     "classifier": "output head",
     "score": "output head",
     "head": "output head",
     "pooler": "pooler (one token per sequence)",
-    "o_proj": "attention output (its input is kept by SDPA for backward)",
-    "out_proj": "attention output (its input is kept by SDPA for backward)",
     # PEFT's LoRA: the up-projection reads the r_lora-wide bottleneck (8-64 values a token):
     # there is almost nothing to compress. Its down-projection (lora_A) reads the n-wide
     # layer input, which is what CompAct compresses there.

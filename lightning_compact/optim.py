@@ -94,8 +94,11 @@ DEFAULT_SCALE: float = 1.0
 # How the r-space Adam direction N becomes the update of a compressed weight (see CompActAdamW):
 # "adam" (the paper's): N Pᵀ. "channel" (APOLLO-style, beyond the paper): Ĝ Pᵀ with each row
 # rescaled to the norm of N's row. "tensor" (APOLLO-Mini-like): one such scale for the whole tensor.
+# The default is "channel": with the attention output converted too, it is the only variant that
+# came within 1% of GaLore (and ahead of APOLLO) on benchmarks/peers.py at r = n/4 and n/8, 3 seeds
+# each, and it removed the quickstart's stalled seeds (benchmarks/RESULTS.md, "Quality against the peers").
 UPDATE_RULES: tuple[str, ...] = ("adam", "channel", "tensor")
-DEFAULT_UPDATE_RULE: str = "adam"
+DEFAULT_UPDATE_RULE: str = "channel"
 
 # Flags of torch's Adam/AdamW that change nothing in CompActAdamW's arithmetic and are
 # dropped when a torch optimizer's groups are carried over.

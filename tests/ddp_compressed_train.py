@@ -49,7 +49,7 @@ def rank_loader(rank: int) -> DataLoader:
     return DataLoader(TensorDataset(tokens[rank::WORLD]), batch_size=LOCAL_BATCH, shuffle=False)
 
 
-def main(out_dir: Path, optimizer: str, update_rule: str = "adam", projection: str = "gaussian") -> None:
+def main(out_dir: Path, optimizer: str, update_rule: str | None = None, projection: str = "gaussian") -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.manual_seed(rank)
     module = PlainLM(optimizer=optimizer)

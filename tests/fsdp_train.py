@@ -98,13 +98,13 @@ def fresh_module() -> ShardedLM:
     return ShardedLM()
 
 
-def main(out_dir: Path, grad_mode: str, update_rule: str = "adam") -> None:
+def main(out_dir: Path, grad_mode: str, update_rule: str | None = None) -> None:
     results = {}
     rank = None
 
     # The baseline (no CompAct): how much a step reduce-scatters without compression
     # (the traffic test runs it; the update-rule tests skip it).
-    if update_rule == "adam":
+    if update_rule is None:
         module = fresh_module()
         trainer = trainer_for(out_dir / "baseline", [], max_epochs=1, enable_checkpointing=False)
         with ReduceScatterCounter() as counter:

@@ -119,3 +119,23 @@ def test_auto_cache_is_kept_at_small_micro_batches_unless_larger_than_the_weight
     # Many tokens: kept whatever the weight, the activation saving dwarfs it.
     layer = _first_forward(256, 4, 64, tokens=4096)
     assert layer.projection_cache is not None
+
+
+@pytest.mark.parametrize("grad_mode", ["compressed", "decompressed"])
+def test_the_table_accounts_for_the_parameters_the_model_summary_adds(grad_mode):
+    """Issue 24: Lightning's summary counts each weight_delta; the table says how many and what they are."""
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    torch.manual_seed(0)
+    module = PlainLM()
+    before = summarize(module).total_parameters
+    compact = CompAct(rank=4, grad_mode=grad_mode)
+    compact.convert(module)
+    added = summarize(module).total_parameters - before
+    table = compact.format_table()
+    if grad_mode == "decompressed":
+        assert added == 0 and "weight_delta" not in table
+        return
+    expected = sum(layer.out_features * layer.rank for layer in compact.layers.values())
+    assert added == expected > 0
+    assert f"weight_delta: {expected / 1e6:.2f} M parameters the model summary counts" in table

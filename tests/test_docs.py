@@ -136,3 +136,17 @@ def test_the_estimator_is_below_the_planner() -> None:
 def test_the_package_has_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_site_landing_page_is_the_readme_not_a_copy() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    index = (REPO / "docs" / "index.md").read_text()
+    assert hooks.MARKER in index and "# lightning-compact" not in index  # nothing of the README is copied there
+    page = hooks.readme_for_site((REPO / "README.md").read_text())
+    assert page.startswith("# lightning-compact") and "](results.md#" in page
+    assert "](benchmarks/RESULTS.md" not in page and "](docs/" not in page and "](tests/" not in page
+    assert "## Documentation" not in page

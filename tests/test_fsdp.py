@@ -18,7 +18,7 @@ def test_two_process_fsdp2_matches_one_process_and_resumes_exactly(tmp_path, gra
     assert WORLD == 2
     r0, r1 = run_two_ranks("fsdp_train.py", tmp_path, grad_mode, port_base=31500, timeout=600)
 
-    assert len(r0["converted"]) == 12
+    assert len(r0["converted"]) == 14
     assert r0["compressed"] == (r0["converted"] if grad_mode == "compressed" else [])
 
     # Gradient traffic: each linear layer is its own FSDP2 group, so a converted weight's

@@ -114,10 +114,12 @@ def _torch_encoder_loss(model: nn.Module) -> torch.Tensor:
     return F.cross_entropy(model(_tokens()), torch.tensor([0, 2]))
 
 
+# Attention outputs (o_proj) are converted: reading SDPA's kept output, they cost no memory.
 _LLAMA_LIKE = dict(
-    converted={"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
-    skipped={"self_attn.o_proj": "attention output", "lm_head": "output head"},
-    n_converted=6 * LAYERS,
+    converted={"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"},
+    skipped={"lm_head": "output head"},
+    n_converted=7 * LAYERS,
 )
 _BERT_LIKE = dict(
     converted={"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -171,19 +173,17 @@ FAMILIES = {
     ),
     "vit": Family(
         _vit, _vit_loss,
-        converted={"attention.q_proj", "attention.k_proj", "attention.v_proj", "mlp.fc1", "mlp.fc2"}
+        converted={"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"}
         if _TRANSFORMERS_5 else
         {"attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense",
          "intermediate.dense", "output.dense"},
-        skipped={"attention.o_proj": "attention output", "classifier": "output head"}
-        if _TRANSFORMERS_5 else
-        {"classifier": "output head"},
-        n_converted=(5 if _TRANSFORMERS_5 else 6) * LAYERS,
+        skipped={"classifier": "output head"},
+        n_converted=6 * LAYERS,
     ),
     "torch_encoder": Family(
         _torch_encoder, _torch_encoder_loss,
         converted={"linear1", "linear2"},
-        skipped={"self_attn.out_proj": "attention output", "head": "output head"},
+        skipped={"self_attn.out_proj": "nn.MultiheadAttention reads this weight directly", "head": "output head"},
         n_converted=2 * LAYERS,
     ),
     # Without the default exclusions out_proj is still never converted: nn.MultiheadAttention

@@ -102,7 +102,8 @@ def test_default_off_is_bit_identical_and_keeps_the_old_state():
         v.mul_(b2).addcmul_(g_hat, g_hat, value=1 - b2)
         assert torch.equal(opt.state[layer.weight_delta]["exp_avg"], m)
         assert torch.equal(opt.state[layer.weight_delta]["exp_avg_sq"], v)
-    assert set(opt.state[layer.weight_delta]) == {"step", "exp_avg", "exp_avg_sq"}  # checkpoints as before
+    # Checkpoints as before: moment_carry adds nothing ("update_norm" is the default channel rule's limiter).
+    assert set(opt.state[layer.weight_delta]) == {"step", "exp_avg", "exp_avg_sq", "update_norm"}
     # moment_carry=True changes nothing while the window stays the same.
     carry = CompActAdamW(reference.parameters(), lr=0.01, moment_carry=True)
     plain_layer = _layer()

@@ -35,7 +35,7 @@ def test_two_steps_match_a_float64_reference_of_the_formula_across_a_seed_change
     convert_to_compact(layer, config=CompActConfig(rank=r, grad_mode="compressed"))
     layer = layer[0]
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
-    opt = CompActAdamW(layer.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, scale=alpha)
+    opt = CompActAdamW(layer.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, scale=alpha, update_rule="adam")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, n, generator=g, dtype=torch.float64)
     grad_out = torch.randn(20, m, generator=g, dtype=torch.float64)

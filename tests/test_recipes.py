@@ -36,7 +36,8 @@ def test_pretraining_recipes_follow_the_paper(size):
     assert data["seq_len"] == 256 and data["dataset"] == "c4" and data["tokenizer"] == "t5-base"
     assert model["model"] == f"llama_{size}" and model["lr"] == lr
     assert (model["warmup_ratio"], model["min_lr_ratio"], model["decay"]) == (0.1, 0.1, "cosine")
-    assert cfg["compact"] == {"enabled": True, "rank": 0.25, "update_proj_gap": gap, "scale": 0.25}
+    assert cfg["compact"] == {"enabled": True, "rank": 0.25, "update_proj_gap": gap, "scale": 0.25,
+                              "update_rule": "adam", "exclude_modules": ["o_proj"]}  # the paper's update and layers
     # Validation every 1,000 optimizer steps, counted in micro-batches.
     assert trainer["val_check_interval"] == 1000 * trainer["accumulate_grad_batches"]
 

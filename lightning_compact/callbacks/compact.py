@@ -169,11 +169,11 @@ class CompActCallback(Callback):
             (default 0.5); at most r − 1. The bases are saved in this callback's state, so a
             resumed run continues bit-exactly.
         update_rule: how the swapped-in ``CompActAdamW`` turns its r-space moments into the
-            weight update: ``"adam"`` (default, the paper's ``N Pᵀ``), ``"channel"`` (beyond the
-            paper, APOLLO-style: ``Ĝ Pᵀ`` with each output channel rescaled to the norm of the
-            Adam direction's row) or ``"tensor"`` (one such scale per weight, APOLLO-Mini-like);
-            see :class:`~lightning_compact.optim.CompActAdamW`. Not used with
-            ``grad_mode="decompressed"``.
+            weight update: ``"channel"`` (the default, beyond the paper, APOLLO-style: ``Ĝ Pᵀ``
+            with each output channel rescaled to the norm of the Adam direction's row),
+            ``"adam"`` (the paper's ``N Pᵀ``) or ``"tensor"`` (one such scale per weight,
+            APOLLO-Mini-like); see :class:`~lightning_compact.optim.CompActAdamW`. ``None``:
+            the default. Not used with ``grad_mode="decompressed"`` (passing one is an error).
 
     Raises:
         MisconfigurationException: for a bad argument, an unsupported strategy, a
@@ -200,7 +200,7 @@ class CompActCallback(Callback):
         cache_projections: bool | str = "auto",
         moment_carry: bool = False,
         principal_rank: int | float = 0.5,
-        update_rule: str = DEFAULT_UPDATE_RULE,
+        update_rule: str | None = None,
     ) -> None:
         try:
             resolve_rank(rank, in_features=2)
@@ -236,7 +236,7 @@ class CompActCallback(Callback):
                 cache_projections=cache_projections,
                 moment_carry=moment_carry,
                 principal_rank=principal_rank,
-                update_rule=update_rule,
+                update_rule=DEFAULT_UPDATE_RULE if update_rule is None else update_rule,
             )
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"CompActCallback: {err}") from err
@@ -245,7 +245,7 @@ class CompActCallback(Callback):
                 f"CompActCallback(scale={scale!r}): α scales CompActAdamW's compressed update, which "
                 "grad_mode='decompressed' does not use; drop scale or use grad_mode='compressed'/'auto'"
             )
-        if grad_mode == "decompressed" and update_rule != DEFAULT_UPDATE_RULE:
+        if grad_mode == "decompressed" and update_rule is not None:
             raise MisconfigurationException(
                 f"CompActCallback(update_rule={update_rule!r}): the update rule is CompActAdamW's, which "
                 "grad_mode='decompressed' does not use; drop update_rule or use grad_mode='compressed'/'auto'"

@@ -18,7 +18,9 @@ share one saved ``x`` in the original model, so ``b·l·n`` is counted once per 
 input, while each CompAct layer stores its own ``x·P`` (``b·l·r`` each). Under autocast
 an input in a wider dtype than autocast's is cast anew by every layer and each plain
 layer saves its own cast, so such an input counts once per layer (with ``bf16-mixed``
-LLaMA's float32 residual stream makes q, k, v and gate, up save one copy each).
+LLaMA's float32 residual stream makes q, k, v and gate, up save one copy each). A layer
+whose input is kept by attention for its own backward (an SDPA kernel's output: ``o_proj``)
+saves that input instead of ``x·P`` and is left out of the activation row.
 
 :class:`LinearInputRecorder` watches one forward to learn which converted layers share
 an input; :func:`table1` turns that into bytes.
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compact.functional import input_kept_elsewhere
 from lightning_compact.layers import CompActLinear
 
 __all__ = ["LinearInputRecorder", "Table1", "table1"]
@@ -86,6 +89,8 @@ class LinearInputRecorder:
         if not (module.training and torch.is_grad_enabled()):
             return
         x = args[0]
+        if input_kept_elsewhere(x):
+            return  # the layer saves what attention keeps anyway: no input of its own, before or after
         storage = x.untyped_storage()
         size = x.element_size()
         device_type = x.device.type
