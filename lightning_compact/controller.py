@@ -334,8 +334,11 @@ class CompAct:
         """
         for layer in self.layers.values():
             weight = layer.weight
-            sharded = is_dtensor(weight) and any(p.is_shard() for p in weight.placements)
-            layer.weight_shards = weight.device_mesh.size() if sharded else 1
+            shards = 1
+            if is_dtensor(weight):  # the mesh dimensions it is sharded over (not those it is replicated over)
+                for dim, placement in enumerate(weight.placements):
+                    shards *= weight.device_mesh.size(dim) if placement.is_shard() else 1
+            layer.weight_shards = shards
 
     @property
     def projection_cache_bytes(self) -> int:
