@@ -20,9 +20,9 @@ selective checkpointing keeps, which lives in its own cache, so two figures are 
 Step times (forward, backward, ``CompActAdamW``: plain AdamW for plain weights) are medians over interleaved
 repetitions, run without the dispatch mode ("paired": the median of each round's ratio; ``timing.py``).
 
-    python benchmarks/checkpointing_memory.py --shapes tiny --repeats 3
-    python benchmarks/checkpointing_memory.py --shapes tiny --quick
-    python benchmarks/checkpointing_memory.py --rank 0.125 --configs baseline "checkpoint blocks" \
+    python benchmarks/cpu/checkpointing_memory.py --shapes tiny --repeats 3
+    python benchmarks/cpu/checkpointing_memory.py --shapes tiny --quick
+    python benchmarks/cpu/checkpointing_memory.py --rank 0.125 --configs baseline "checkpoint blocks" \
         "lean + compact" "lean + compact + blocks:0.5" "lean + compact + blocks"
 """
 
@@ -34,6 +34,7 @@ import sys
 import weakref
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -43,9 +44,12 @@ from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaForCausalLM
-from provenance import provenance, write_json
-from shapes import CPU_SHAPES
-from timing import interleaved_times, median, paired_ratio
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+from shapes import CPU_SHAPES  # noqa: E402
+from timing import interleaved_times, median, paired_ratio  # noqa: E402
 
 SHAPES = CPU_SHAPES
 CONFIGS = {  # name: (lean, CompAct, checkpointing granularity)

@@ -28,9 +28,9 @@ their timed steps in turns, so such load falls on all of them alike. Ratios are 
 the baseline.
 
     # CPU, a small LLaMA (the paper's architecture, scaled down):
-    python benchmarks/compare_methods.py --out compare_cpu.json
+    python benchmarks/cpu/compare_methods.py --out compare_cpu.json
     # GPU, a paper recipe (needs only torch, lightning, this package; galore-torch optional):
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/compare_methods.py \\
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/cpu/compare_methods.py \\
         --config recipes/pretrain/llama_60m_c4.yaml --device cuda --out compare_gpu.json
 """
 
@@ -54,7 +54,10 @@ from lightning_compact.lean import cross_entropy
 from lightning_compact.memory import StepMemoryTracker
 from lightning_compact.memory.estimator import LEAN_OPTIONS, Variant, build, forward_backward
 from lightning_compact.memory.recipe import RunShape, read_recipe
-from provenance import provenance, write_json
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 MIB = 2**20
 # A small LLaMA for CPU runs: the paper's architecture at a width two CPU cores can train.

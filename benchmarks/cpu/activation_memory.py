@@ -4,9 +4,9 @@ One process, one model shape, the same batch for every configuration; step times
 medians over interleaved repetitions, so the ratios compare like with like ("paired":
 the median of each round's ratio; ``timing.py``).
 
-    python benchmarks/activation_memory.py                  # small LLaMA, ~1 minute on 2 cores
-    python benchmarks/activation_memory.py --preset paper-cpu   # d=512, 8 layers, vocab 32000, b=8, l=256
-    python benchmarks/activation_memory.py --out results.json
+    python benchmarks/cpu/activation_memory.py                  # small LLaMA, ~1 minute on 2 cores
+    python benchmarks/cpu/activation_memory.py --preset paper-cpu   # d=512, 8 layers, vocab 32000, b=8, l=256
+    python benchmarks/cpu/activation_memory.py --out results.json
 
 "shared" is ``share_projection=True``: one projection (and one stored ``x·P``) for
 q/k/v and one for gate/up. Saved activations are the unique storages kept for the backward pass in one step
@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
-from provenance import provenance, write_json
-from shapes import CPU_SHAPES
-from timing import interleaved_times, median, paired_ratio
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+from shapes import CPU_SHAPES  # noqa: E402
+from timing import interleaved_times, median, paired_ratio  # noqa: E402
 
 SHAPES = {
     "small": CPU_SHAPES["tiny"],  # named before the shapes were shared

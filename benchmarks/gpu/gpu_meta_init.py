@@ -12,7 +12,7 @@ Recorded per arm: seconds to the first step, the host's peak RSS growth (``VmHWM
 process peak, so the ``meta`` arm runs first) and ``torch.cuda.max_memory_allocated``.
 ``--model``/``--layers`` shrink it for a CPU smoke test (``--device cpu``).
 
-    python benchmarks/gpu_meta_init.py --out gpu_out/meta_init.json
+    python benchmarks/gpu/gpu_meta_init.py --out gpu_out/meta_init.json
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from provenance import provenance, write_json
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 
 def host_peak_bytes() -> int:

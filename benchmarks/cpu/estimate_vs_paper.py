@@ -13,8 +13,8 @@ buffers), so compare the *savings*: each row's drop from the first row the paper
 reports for that size (full rank for 350M; r = n/2 for 1B, whose full-rank run did
 not fit in 81 GB).
 
-    python benchmarks/estimate_vs_paper.py --out estimate_vs_paper.json
-    python benchmarks/estimate_vs_paper.py --beyond --out estimate_beyond_paper.json
+    python benchmarks/cpu/estimate_vs_paper.py --out estimate_vs_paper.json
+    python benchmarks/cpu/estimate_vs_paper.py --beyond --out estimate_beyond_paper.json
 
 ``--beyond`` estimates, at the same setting, what this project adds past the paper's
 rows: lean activations (``LeanActivations``: norms, MLP activation and loss saving only
@@ -34,7 +34,10 @@ from pathlib import Path
 
 from lightning_compact.memory.estimator import Variant, estimate
 from lightning_compact.memory.recipe import RunShape
-from provenance import provenance, write_json
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 GB = 10**9
 # Table 2 of the paper, peak memory in GB (None: did not fit in 81 GB).

@@ -9,11 +9,11 @@ The peak is each rank's ``torch.cuda.max_memory_allocated`` over warm-up and tim
 the baseline under the same strategy.
 
     # 8 GPUs, LLaMA-1B, bf16 autocast, 16 x 256 per GPU (the issue's multi-GPU setting):
-    torchrun --nproc_per_node 8 benchmarks/multi_gpu.py --preset llama_1b --batch 16 --out multi_gpu_1b.json
+    torchrun --nproc_per_node 8 benchmarks/gpu/multi_gpu.py --preset llama_1b --batch 16 --out multi_gpu_1b.json
     # Two processes sharing one GPU (checks the launch; the speeds mean little):
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --preset llama_60m --same-device --out multi_gpu_2on1.json
+    torchrun --nproc_per_node 2 benchmarks/gpu/multi_gpu.py --preset llama_60m --same-device --out multi_gpu_2on1.json
     # CPU smoke test of the script itself (gloo, a tiny model; the numbers mean nothing):
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --device cpu --preset tiny --steps 2 --warmup 1
+    torchrun --nproc_per_node 2 benchmarks/gpu/multi_gpu.py --device cpu --preset tiny --steps 2 --warmup 1
 
 Needs only torch and this package (no ``datasets``, no ``jsonargparse``).
 """

@@ -26,10 +26,10 @@ Two subcommands:
 Commands::
 
     # 1. Here (CPU, ~20 s; 1,005,916 tokens, 4 MB): tokenize once; benchmarks/data/ is git-ignored
-    .venv/bin/python benchmarks/gpu_quality.py prepare --out benchmarks/data/kjv_wordpiece.pt
+    .venv/bin/python benchmarks/gpu/gpu_quality.py prepare --out benchmarks/data/kjv_wordpiece.pt
 
     # 2. On the GPU machine (run tool with carry=["benchmarks/data"], timeout_s ~420):
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu_quality.py train \\
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu/gpu_quality.py train \\
         --tokens benchmarks/data/kjv_wordpiece.pt --out $OUT/gpu_quality.json --plot $OUT/gpu_quality.png \\
         --time-limit 300
 
@@ -37,7 +37,7 @@ Commands::
     ... train ... --lr 0.01 --scale 0.25
 
     # CPU smoke test of the plumbing (tiny model; numbers mean nothing):
-    .venv/bin/python benchmarks/gpu_quality.py train --tokens benchmarks/data/kjv_wordpiece.pt --out /tmp/q.json \\
+    .venv/bin/python benchmarks/gpu/gpu_quality.py train --tokens benchmarks/data/kjv_wordpiece.pt --out /tmp/q.json \\
         --device cpu --precision 32 --seeds 0 --steps 6 --batch 2 --seq 32 --eval-every 3 --eval-batches 2 \\
         --config-overrides '{"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4}'
 
@@ -74,9 +74,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_compact.projection import PROJECTIONS
-from provenance import provenance, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENS = "benchmarks/data/kjv_wordpiece.pt"
 FORMAT_VERSION = 1
 ARMS = ("baseline", "compact")
@@ -87,7 +90,7 @@ WARMUP_RATIO, MIN_LR_RATIO = 0.1, 0.1
 
 
 def _prepare_command(out: str | os.PathLike[str]) -> str:
-    return f".venv/bin/python benchmarks/gpu_quality.py prepare --out {out}"
+    return f".venv/bin/python benchmarks/gpu/gpu_quality.py prepare --out {out}"
 
 
 # -- prepare --------------------------------------------------------------------------------

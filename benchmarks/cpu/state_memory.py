@@ -16,7 +16,7 @@ CPU per configuration; the bytes are counted from the tensors themselves:
 
 Usage::
 
-    python benchmarks/state_memory.py [--out results.json]
+    python benchmarks/cpu/state_memory.py [--out results.json]
 """
 
 from __future__ import annotations

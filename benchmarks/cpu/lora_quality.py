@@ -10,7 +10,7 @@ Arms: plain LoRA; CompAct on the adapters (``lora_A``) at n/4 and n/8, compresse
 shared projections. Accuracy and macro-F1 on the held-out verses; the majority class's
 accuracy is printed beside them.
 
-    python benchmarks/lora_quality.py --seeds 0,1,2 --out benchmarks/results/lora_quality.json
+    python benchmarks/cpu/lora_quality.py --seeds 0,1,2 --out benchmarks/results/lora_quality.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from provenance import provenance, write_json
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 # Book indices (0-based, KJV order) where each part starts.
 PARTS = (("law", 0), ("history and wisdom", 5), ("prophets", 22), ("new testament", 39))

@@ -1,8 +1,8 @@
 """Where and how a benchmark ran: the one record every benchmark's JSON carries as ``"provenance"``.
 
-Imported by the sibling scripts (``python benchmarks/X.py`` puts this folder on
-``sys.path``); it needs only torch and this package (no ``datasets``, for the GPU
-machine), and records lightning's version when it is installed.
+Imported by the benchmark scripts (each puts ``benchmarks/common/`` on ``sys.path``); it
+needs only torch and this package (no ``datasets``, for the GPU machine), and records
+lightning's version when it is installed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 import lightning_compact
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lightning_version() -> str | None:

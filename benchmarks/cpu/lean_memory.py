@@ -6,10 +6,10 @@ every configuration; step times are medians over interleaved repetitions (forwar
 backward, AdamW step), so ratios compare like with like ("paired": the median of each
 round's ratio; ``timing.py``).
 
-    python benchmarks/lean_memory.py                        # tiny and paper-cpu, fp32 and bf16 autocast
-    python benchmarks/lean_memory.py --shapes tiny --quick  # a smoke run
-    python benchmarks/lean_memory.py --precisions bf16 --repeats 0   # saved bytes only (bf16 is slow on CPU)
-    python benchmarks/lean_memory.py --out benchmarks/results/lean_memory_cpu.json
+    python benchmarks/cpu/lean_memory.py                        # tiny and paper-cpu, fp32 and bf16 autocast
+    python benchmarks/cpu/lean_memory.py --shapes tiny --quick  # a smoke run
+    python benchmarks/cpu/lean_memory.py --precisions bf16 --repeats 0   # saved bytes only (bf16 is slow on CPU)
+    python benchmarks/cpu/lean_memory.py --out benchmarks/results/lean_memory_cpu.json
 
 Saved activations: unique storages kept for backward in one step
 (:class:`lightning_compact.memory.SavedActivationTracker`), parameters and their
@@ -23,6 +23,7 @@ import copy
 import sys
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -30,9 +31,12 @@ from lightning_compact import CompActConfig, convert_to_compact
 from lightning_compact.lean import apply_lean
 from lightning_compact.memory import SavedActivationTracker
 from lightning_compact.models.llama import LlamaForCausalLM
-from provenance import provenance, write_json
-from shapes import CPU_SHAPES
-from timing import interleaved_times, median, paired_ratio
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+from shapes import CPU_SHAPES  # noqa: E402
+from timing import interleaved_times, median, paired_ratio  # noqa: E402
 
 SHAPES = {name: CPU_SHAPES[name] for name in ("tiny", "paper-cpu")}
 ALL = {"norms": True, "mlp": True, "loss": True}

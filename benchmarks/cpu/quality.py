@@ -27,9 +27,9 @@ summary ``<out>/quality_<preset>.json`` and the PNG of the loss curves.
 
 Usage::
 
-    python benchmarks/quality.py --preset smoke            # minutes: the plumbing
-    python benchmarks/quality.py --preset standard --jobs 2
-    python benchmarks/quality.py --runs baseline,compressed_n4 --seeds 0 --steps 200 --batch-size 16 --seq-len 256
+    python benchmarks/cpu/quality.py --preset smoke            # minutes: the plumbing
+    python benchmarks/cpu/quality.py --preset standard --jobs 2
+    python benchmarks/cpu/quality.py --runs baseline,compressed_n4 --seeds 0 --steps 200 --batch-size 16 --seq-len 256
 """
 
 from __future__ import annotations
@@ -40,12 +40,16 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The quickstart's model (recipes/quickstart/pretrain_llama_tiny.yaml).
 MODEL_OVERRIDES = dict(

@@ -8,7 +8,7 @@ lean activations alone and with CompAct. Memory by category, disjoint storages: 
 (frozen and trainable), grads, AdamW state, CompAct's projection cache, saved activations
 (peak bytes saved for backward, parameters excluded).
 
-    python benchmarks/lora_memory.py --out benchmarks/results/lora_memory.json
+    python benchmarks/cpu/lora_memory.py --out benchmarks/results/lora_memory.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from provenance import provenance, write_json
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 
 def build(hidden: int, intermediate: int, layers: int, vocab: int, r_lora: int) -> torch.nn.Module:

@@ -19,9 +19,9 @@ paired ratio to AdamW) are measured side by side in the main process
 (``<out>/measure.json``). Then ``<out>/peers.json``, ``<out>/table.md`` and
 ``<out>/peers.png`` (final validation loss against total memory).
 
-    python benchmarks/peers.py --jobs 2 --resume                 # the full benchmark
-    python benchmarks/peers.py --quick --out /tmp/peers_quick    # CI smoke (minutes)
-    python benchmarks/peers.py --methods adamw,compact_n4 --lrs 2e-3,4e-3 --seeds 0 --steps 100
+    python benchmarks/cpu/peers.py --jobs 2 --resume                 # the full benchmark
+    python benchmarks/cpu/peers.py --quick --out /tmp/peers_quick    # CI smoke (minutes)
+    python benchmarks/cpu/peers.py --methods adamw,compact_n4 --lrs 2e-3,4e-3 --seeds 0 --steps 100
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "peers"
 
 

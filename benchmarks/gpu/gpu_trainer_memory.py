@@ -8,7 +8,7 @@ bf16 ``compact_linear`` gradients match a float64 CPU reference.
 
 Needs only torch, lightning and this package (no datasets / jsonargparse):
 
-    PYTHONPATH=. python benchmarks/gpu_trainer_memory.py --out gpu_trainer_memory.json
+    PYTHONPATH=. python benchmarks/gpu/gpu_trainer_memory.py --out gpu_trainer_memory.json
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import gc
 import json
 import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact import CompActCallback, PeakMemoryMonitor, compact_linear, make_projection
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaForCausalLM
-from provenance import provenance, write_json
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 MIB = 2**20
 

@@ -9,11 +9,11 @@ the previous configuration's memory was freed. Ratios are to the baseline of the
 mode (eager or compiled).
 
     # One H100/H200, LLaMA-350M, bf16-mixed, 32 x 256 (the issue's setting; ~5 minutes):
-    PYTHONPATH=. python benchmarks/gpu_speed.py --out gpu_speed.json
+    PYTHONPATH=. python benchmarks/gpu/gpu_speed.py --out gpu_speed.json
     # Quicker: eager only, or a subset
-    PYTHONPATH=. python benchmarks/gpu_speed.py --no-compile --configs baseline "n/4 compressed"
+    PYTHONPATH=. python benchmarks/gpu/gpu_speed.py --no-compile --configs baseline "n/4 compressed"
     # CPU smoke test of the script itself (a tiny model; the numbers mean nothing):
-    python benchmarks/gpu_speed.py --device cpu --preset tiny --steps 2 --warmup 1 --no-compile
+    python benchmarks/gpu/gpu_speed.py --device cpu --preset tiny --steps 2 --warmup 1 --no-compile
 
 Needs only torch and this package (no ``datasets``, no ``jsonargparse``).
 """
@@ -24,15 +24,20 @@ import argparse
 import dataclasses
 import gc
 import json
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from lightning_compact import CompAct
 from lightning_compact.checkpointing import apply_checkpointing
 from lightning_compact.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
-from provenance import provenance, write_json
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 PRESETS = {
     **LLAMA_PRESETS,

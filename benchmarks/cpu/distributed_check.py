@@ -7,11 +7,11 @@ weights, and compares them with the same steps taken by one process on the whole
 difference ``‖out − ref‖/‖ref‖`` over the weights; the issue's target is 1e-4.
 
     # Two processes sharing one GPU (gloo over CUDA tensors; NCCL refuses two ranks on one GPU):
-    torchrun --nproc_per_node 2 benchmarks/distributed_check.py --same-device --out distributed_check.json
+    torchrun --nproc_per_node 2 benchmarks/cpu/distributed_check.py --same-device --out distributed_check.json
     # One process per GPU (NCCL):
-    torchrun --nproc_per_node 8 benchmarks/distributed_check.py
+    torchrun --nproc_per_node 8 benchmarks/cpu/distributed_check.py
     # CPU (gloo), as tests/test_fsdp.py does through Lightning:
-    torchrun --nproc_per_node 2 benchmarks/distributed_check.py --device cpu
+    torchrun --nproc_per_node 2 benchmarks/cpu/distributed_check.py --device cpu
 
 Needs only torch and this package.
 """
@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from lightning_compact import CompAct
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
-from multi_gpu import init_distributed, leave, wrap  # the sibling script (its folder is on sys.path)
+
+# multi_gpu.py, whose set-up and wrapping this reuses, is in benchmarks/gpu/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+from multi_gpu import init_distributed, leave, wrap  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 

@@ -9,23 +9,28 @@ number of ``aten::`` events the profiler records in one steady-state step (neste
 included, the same way for every configuration).
 
     # The issue's tiny shape: compute is negligible, the step measures host overhead.
-    python benchmarks/host_overhead.py --shape tiny --threads 1
+    python benchmarks/cpu/host_overhead.py --shape tiny --threads 1
     # The paper-prototype shape on CPU (d=512, 8 layers, vocab 32000, batch 8 x 256).
-    python benchmarks/host_overhead.py --shape paper-cpu --repeats 5
+    python benchmarks/cpu/host_overhead.py --shape paper-cpu --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lightning_compact import CompAct
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
-from provenance import provenance, write_json
-from shapes import CPU_SHAPES
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+from shapes import CPU_SHAPES  # noqa: E402
 
 SHAPES = {
     # 24 blocks of width 64, batch 1 x 8.

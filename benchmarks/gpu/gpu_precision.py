@@ -15,7 +15,7 @@ Then, per model family, whether a converted attention output's input is SDPA's k
 this device (``functional.input_kept_elsewhere``). Results as JSON; ``--device cpu`` runs the
 same code on a CPU (fp16 autocast), for a smoke test.
 
-    python benchmarks/gpu_precision.py --steps 300 --out gpu_out/precision.json
+    python benchmarks/gpu/gpu_precision.py --steps 300 --out gpu_out/precision.json
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
-from provenance import provenance, write_json
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def corpus_bytes(limit: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ skips it), then the per-seed table, the means, the paired ratios and differences
 
 Usage::
 
-    python benchmarks/quickstart_seeds.py                       # the pretraining quickstart, seeds 0,1,2
-    python benchmarks/quickstart_seeds.py --recipe recipes/quickstart/finetune_minilm.yaml \\
+    python benchmarks/cpu/quickstart_seeds.py                       # the pretraining quickstart, seeds 0,1,2
+    python benchmarks/cpu/quickstart_seeds.py --recipe recipes/quickstart/finetune_minilm.yaml \\
         --test --metrics test/acc,test/f1 --name finetune_minilm
-    python benchmarks/quickstart_seeds.py --report-only         # the table from the runs on disk
+    python benchmarks/cpu/quickstart_seeds.py --report-only         # the table from the runs on disk
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+
+ROOT = Path(__file__).resolve().parents[2]
 ARMS = {"compact": [], "baseline": ["--compact.enabled", "false"]}
 
 

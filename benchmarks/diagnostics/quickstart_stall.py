@@ -13,8 +13,8 @@ after ``--steps`` optimizer steps, recording at every step:
 * the RMS of the final norm's input (the residual stream that reaches ``lm_head``) and
   the share of it that the embeddings account for (``‖embed‖ / ‖residual‖``).
 
-    python benchmarks/quickstart_stall.py --seed 1 --out stall_seed1.json                 # CompAct as shipped
-    python benchmarks/quickstart_stall.py --seed 1 --baseline --out stall_seed1_base.json
+    python benchmarks/diagnostics/quickstart_stall.py --seed 1 --out stall_seed1.json                 # CompAct as shipped
+    python benchmarks/diagnostics/quickstart_stall.py --seed 1 --baseline --out stall_seed1_base.json
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     out = {"seed": args.seed, "baseline": args.baseline, "extra": args.extra, "rows": record.rows,
-           "command": "python benchmarks/quickstart_stall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": "python benchmarks/diagnostics/quickstart_stall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "seconds": time.perf_counter() - start, "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"{'step':>4} {'loss':>6} {'resid':>6} {'emb/res':>7} " + " ".join(f"{g:>8}" for g in GROUPS))

@@ -20,7 +20,7 @@ says would not fit in 90% of the GPU is halved until it does (reported).
 Needs only torch, PyYAML (a lightning dependency) and this package: no ``datasets``,
 ``jsonargparse`` or ``transformers``. Runs in about a minute on an H100::
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu_validate_estimator.py --out gpu_estimator.json
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu/gpu_validate_estimator.py --out gpu_estimator.json
     # the lean and checkpointing estimates (issue 11), and the planner's 1B pick at 40 GiB:
     ... gpu_validate_estimator.py --recipes recipes/pretrain/llama_350m_c4_lean.yaml --batch-size 32 \
         --accumulate 16 --variants lean --out lean.json
@@ -46,9 +46,12 @@ import torch
 from lightning_compact.memory.estimator import LEAN_OPTIONS as LEAN
 from lightning_compact.memory.estimator import Variant, build, estimate, forward_backward, recipe_variant
 from lightning_compact.memory.recipe import RunShape, read_recipe
-from provenance import provenance, write_json
 
-REPO = Path(__file__).resolve().parent.parent
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPES = ["recipes/pretrain/llama_60m_c4.yaml", "recipes/pretrain/llama_350m_c4.yaml"]
 VARIANT_SETS: dict[str, list[Variant]] = {
     "paper": [Variant(), Variant(0.25, "compressed"), Variant(0.25, "decompressed")],

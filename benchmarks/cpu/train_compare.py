@@ -12,7 +12,7 @@ evaluated on the same held-out blocks (every 20th block of the text).
 
 Usage::
 
-    python benchmarks/train_compare.py --steps 300 [--runs baseline,compressed] [--out r.json]
+    python benchmarks/cpu/train_compare.py --steps 300 [--runs baseline,compressed] [--out r.json]
 """
 
 from __future__ import annotations

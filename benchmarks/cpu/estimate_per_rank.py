@@ -6,7 +6,7 @@ The estimator's FakeTensor step on rank 0 of a fake process group of 8 ranks (se
 ``llama_7b_c4_fsdp.yaml`` (16 x 256, 4 accumulated micro-batches), bf16-mixed, CUDA
 kernels and allocator rounding modelled. Nothing is allocated; about 10 minutes on one CPU core.
 
-    PYTHONPATH=. python benchmarks/estimate_per_rank.py benchmarks/results/estimate_per_rank_8gpu.json
+    PYTHONPATH=. python benchmarks/cpu/estimate_per_rank.py benchmarks/results/estimate_per_rank_8gpu.json
 """
 
 import dataclasses

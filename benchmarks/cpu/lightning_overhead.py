@@ -8,7 +8,7 @@ optimizer step included). Configurations run in interleaved rounds so that load 
 processes falls on all of them alike; the ratio is the median of the per-round ratios of
 median step times.
 
-    python benchmarks/lightning_overhead.py --rounds 5 --steps 60 --out benchmarks/results/lightning_overhead_tiny.json
+    python benchmarks/cpu/lightning_overhead.py --rounds 5 --steps 60 --out benchmarks/results/lightning_overhead_tiny.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compact import CompActCallback
 from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
-from provenance import provenance, write_json
+
+# The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from provenance import provenance, write_json  # noqa: E402
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=24, num_attention_heads=4)
 

@@ -30,8 +30,8 @@ of the update ``N Pᵀ`` gets the step c instead of 1 for the principal ones (a 
 
 Usage::
 
-    python benchmarks/projection_variance.py [--draws 8] [--warm-steps 80] [--out DIR]
-    python benchmarks/projection_variance.py --loss-steps 200 --lr 3e-3
+    python benchmarks/diagnostics/projection_variance.py [--draws 8] [--warm-steps 80] [--out DIR]
+    python benchmarks/diagnostics/projection_variance.py --loss-steps 200 --lr 3e-3
 """
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The shared helpers are in benchmarks/common/; peers.py, whose methods and data this reuses, in benchmarks/cpu/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpu"))
 from provenance import provenance, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "projection_variance"
 TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 PRINCIPAL_FRACTIONS = (0.25, 0.5, 0.75)

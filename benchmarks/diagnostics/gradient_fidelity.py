@@ -15,7 +15,7 @@ orthogonalised one (``projection="orthogonal"``).
 
 Usage::
 
-    python benchmarks/gradient_fidelity.py [--draws 8] [--out r.json]
+    python benchmarks/diagnostics/gradient_fidelity.py [--draws 8] [--out r.json]
 """
 
 from __future__ import annotations
