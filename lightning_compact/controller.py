@@ -71,8 +71,10 @@ class CompAct:
             ``"decompressed"`` (full-size ``weight.grad``, any optimizer).
         target_modules: name patterns of the layers to convert (default: all linear layers).
         exclude_modules: name patterns left uncompressed, added to the default exclusions.
-        default_exclusions: keep the default exclusions (output heads, poolers, attention
-            output projections); ``False`` leaves only ``exclude_modules``.
+        default_exclusions: keep the default exclusions (output heads, poolers, PEFT's
+            ``lora_B``; see :data:`~lightning_compact.layers.DEFAULT_EXCLUDED_MODULES`); ``False``
+            leaves only ``exclude_modules``. The paper also leaves ``o_proj`` exact:
+            ``exclude_modules=["o_proj"]``.
         projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (its QR: lower variance at the same
             rank, beyond the paper; see :func:`~lightning_compact.projection.make_projection`) or ``"rademacher"``.
         scale: α of the decompressed update in :class:`CompActAdamW`.
@@ -85,10 +87,10 @@ class CompAct:
         principal_rank: with ``projection="principal"``, k principal directions per layer
             (an int, or a fraction of each layer's rank); see :class:`CompActConfig`.
         update_rule: how the :class:`CompActAdamW` made by :meth:`optimizer` turns its r-space
-            moments into a weight update: ``"adam"`` (the paper's, default), ``"channel"``
-            (APOLLO-style per-channel rescaling of ``Ĝ Pᵀ``) or ``"tensor"`` (one scale per
-            tensor); see :data:`~lightning_compact.optim.UPDATE_RULES`. Groups that already
-            have an ``update_rule`` keep it.
+            moments into a weight update: ``"channel"`` (default, beyond the paper: APOLLO-style
+            per-channel rescaling of ``Ĝ Pᵀ``), ``"adam"`` (the paper's) or ``"tensor"`` (one
+            scale per tensor); see :data:`~lightning_compact.optim.UPDATE_RULES`. Groups that
+            already have an ``update_rule`` keep it.
     """
 
     def __init__(
@@ -334,8 +336,11 @@ class CompAct:
         """
         for layer in self.layers.values():
             weight = layer.weight
-            sharded = is_dtensor(weight) and any(p.is_shard() for p in weight.placements)
-            layer.weight_shards = weight.device_mesh.size() if sharded else 1
+            shards = 1
+            if is_dtensor(weight):  # the mesh dimensions it is sharded over (not those it is replicated over)
+                for dim, placement in enumerate(weight.placements):
+                    shards *= weight.device_mesh.size(dim) if placement.is_shard() else 1
+            layer.weight_shards = shards
 
     @property
     def projection_cache_bytes(self) -> int:

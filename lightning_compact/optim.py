@@ -19,8 +19,10 @@ window the first moment is moved into the new basis, ``M ← M (P_oldᵀP_old)�
 and the second moment keeps its basis-invariant part, each row's mean. Every other
 parameter gets plain AdamW.
 
-Beyond the paper, a group's ``update_rule`` may instead use the moments only for a scale,
-as APOLLO (arXiv 2412.05270) does, and step along the compressed gradient itself::
+That is the paper's rule, ``update_rule="adam"``. Beyond the paper, and the default since 0.3
+(``"channel"``; see :data:`DEFAULT_UPDATE_RULE` for the evidence), a group's rule may instead
+use the moments only for a scale, as APOLLO (arXiv 2412.05270) does, and step along the
+compressed gradient itself::
 
     "channel":  U_i = s_i Ĝ_i,  s_i = ‖N_i‖ / ‖Ĝ_i‖  (one scale per output channel i)
     "tensor":   U   = s Ĝ,      s   = ‖N‖_F / ‖Ĝ‖_F  (one per weight, APOLLO-Mini-like)
@@ -127,10 +129,10 @@ class CompActAdamW(Optimizer):
             meaning). The paper uses 0.25 for pretraining at lr 0.01, and 2 (r = 8) or
             4 (r = 4) for fine-tuning.
         update_rule: the group default of how compressed weights step (see :data:`UPDATE_RULES`
-            and the module docstring): ``"adam"`` (the paper's ``N Pᵀ``, default),
-            ``"channel"`` (``Ĝ Pᵀ`` with each output channel rescaled to ``‖N_i‖/‖Ĝ_i‖``,
-            APOLLO-style) or ``"tensor"`` (one scale ``‖N‖/‖Ĝ‖`` per weight). Beyond the
-            paper; the latter two add APOLLO's norm-growth limiter (γ = 1.01) and one float
+            and the module docstring): ``"channel"`` (default: ``Ĝ Pᵀ`` with each output
+            channel rescaled to ``‖N_i‖/‖Ĝ_i‖``, APOLLO-style), ``"adam"`` (the paper's
+            ``N Pᵀ``) or ``"tensor"`` (one scale ``‖N‖/‖Ĝ‖`` per weight). The first and last
+            are beyond the paper and add APOLLO's norm-growth limiter (γ = 1.01) and one float
             per weight of state. Parameters outside CompAct follow AdamW whatever the rule.
         moment_carry: beyond the paper, off by default (the paper keeps the moments as
             they are when ``P`` is resampled). When on, at the first step after a

@@ -94,6 +94,7 @@ def exact(out_dir: Path) -> None:
         results[f"{kind}_initial"] = record.initial
         results[f"{kind}_final"] = full_state(module)
         results[f"{kind}_losses"] = record.losses
+        results[f"{kind}_weight_shards"] = sorted({m.weight_shards for m in module.modules() if hasattr(m, "weight_shards")})
     # A full checkpoint (written by the test) loaded into the sharded model; rank 1 never reads it.
     module = CausalLMModule("llama_60m", config_overrides=TINY, empty_init=True, init_seed=SEED,
                             init_checkpoint=str(out_dir / "checkpoint.pt"))

@@ -166,6 +166,7 @@ def test_two_process_meta_init_matches_the_whole_model_build(tmp_path):
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     r0, r1 = run_two_ranks("meta_init_train.py", tmp_path, "exact", port_base=40500, timeout=600)
     assert r0["meta_before_fit"]
+    assert r0["meta_weight_shards"] == r0["full_weight_shards"] == [2]  # "auto" weighs the rank's half of each weight
     reference = _tiny_llama().state_dict()
     for name, value in reference.items():
         # Sharded shard by shard, the initial weights are the single process's keyed init, on both ranks...
