@@ -35,7 +35,7 @@ is therefore held for as long as its input lives, not only while autograd keeps 
 
 Measuring: what selective checkpointing keeps lives in its own cache, not in autograd's
 saved tensors, so ``saved_tensors_hooks`` (and ``SavedActivationTracker``) see only the
-blocks' inputs; ``benchmarks/checkpointing_memory.py`` counts live storages instead.
+blocks' inputs; ``benchmarks/cpu/checkpointing_memory.py`` counts live storages instead.
 
 Recognised blocks (a block inside an already wrapped block is left alone):
 

@@ -61,7 +61,7 @@ __all__ = [
 # and elsewhere the input is a fresh copy that x·P replaces (tests/test_attention_output.py
 # measures each family both ways). Converted, they also keep their Adam moments in r-space and
 # take the same update rule (and α) as every other attention and MLP weight, which is what
-# brought CompAct level with GaLore on benchmarks/peers.py.
+# brought CompAct level with GaLore on benchmarks/cpu/peers.py.
 DEFAULT_EXCLUDED_MODULES: dict[str, str] = {
     "lm_head": "output head",
     "classifier": "output head",

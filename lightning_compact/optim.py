@@ -97,7 +97,7 @@ DEFAULT_SCALE: float = 1.0
 # "adam" (the paper's): N Pᵀ. "channel" (APOLLO-style, beyond the paper): Ĝ Pᵀ with each row
 # rescaled to the norm of N's row. "tensor" (APOLLO-Mini-like): one such scale for the whole tensor.
 # The default is "channel": with the attention output converted too, it is the only variant that
-# came within 1% of GaLore (and ahead of APOLLO) on benchmarks/peers.py at r = n/4 and n/8, 3 seeds
+# came within 1% of GaLore (and ahead of APOLLO) on benchmarks/cpu/peers.py at r = n/4 and n/8, 3 seeds
 # each, and it removed the quickstart's stalled seeds (benchmarks/RESULTS.md, "Quality against the peers").
 UPDATE_RULES: tuple[str, ...] = ("adam", "channel", "tensor")
 DEFAULT_UPDATE_RULE: str = "channel"

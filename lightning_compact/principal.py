@@ -46,7 +46,7 @@ principal direction thus gets a step of 1 (per coordinate of ``N``), each random
 the Gaussian and orthogonal projections give all r directions √(n/r). The total
 ``‖N Pᵀ‖² ≈ m(k + c²(r − k)) = m·n`` equals theirs, so a learning rate keeps its meaning; the
 split follows the same rule as theirs (a block standing for d of the n dimensions with j
-columns steps √(d/j)). The paper's ``N Pᵀ`` is kept; ``benchmarks/projection_variance.py
+columns steps √(d/j)). The paper's ``N Pᵀ`` is kept; ``benchmarks/diagnostics/projection_variance.py
 --loss-steps`` compares it with a step of c for the principal directions too.
 
 Nothing here knows layers: :class:`~lightning_compact.layers.CompActLinear` calls

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 # Make tests/helpers.py importable as `helpers` in every test module, and each benchmark
-# script by its name (with the sibling modules it imports, as `python benchmarks/X.py` has).
+# script by its name, with the shared helpers in benchmarks/common/ (as the scripts import them).
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(1, str(Path(__file__).parent.parent / "benchmarks"))
+for i, folder in enumerate(("common", "cpu", "gpu", "diagnostics"), start=1):
+    sys.path.insert(i, str(Path(__file__).parent.parent / "benchmarks" / folder))

@@ -36,7 +36,7 @@ CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hi
 
 
 def _benchmark_module():
-    # The byte counter lives with the benchmark that reports its figures (benchmarks/ is on sys.path: conftest.py).
+    # The byte counter lives with the benchmark that reports its figures (benchmarks/cpu/ is on sys.path: conftest.py).
     return importlib.import_module("checkpointing_memory")
 
 

@@ -1,4 +1,4 @@
-"""CPU smoke test of benchmarks/gpu_quality.py: prepare a KJV slice, train both arms of a tiny LLaMA.
+"""CPU smoke test of benchmarks/gpu/gpu_quality.py: prepare a KJV slice, train both arms of a tiny LLaMA.
 
 The training runs as on the GPU machine: in a subprocess where ``datasets`` and
 ``jsonargparse`` cannot be imported.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import WITHOUT_DATA_DEPS, run_python
 
-SCRIPT = "benchmarks/gpu_quality.py"
+SCRIPT = "benchmarks/gpu/gpu_quality.py"
 TINY = '{"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4}'
 
 

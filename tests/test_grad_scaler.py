@@ -139,13 +139,13 @@ def test_lightning_16_mixed_with_a_scaler_trains_compressed_and_skips_an_overflo
 
 
 def test_the_gpu_precision_script_runs_on_a_cpu_without_the_data_dependencies(tmp_path):
-    """benchmarks/gpu_precision.py, as the device machine runs it (no datasets, no jsonargparse), on a CPU."""
+    """benchmarks/gpu/gpu_precision.py, as the device machine runs it (no datasets, no jsonargparse), on a CPU."""
     import json
 
     from helpers import WITHOUT_DATA_DEPS, run_python
 
     out = tmp_path / "precision.json"
-    proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu_precision.py", "--device", "cpu", "--steps", "5",
+    proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu/gpu_precision.py", "--device", "cpu", "--steps", "5",
                       "--batch", "2", "--seq", "32", "--overflow-at", "2", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -200,13 +200,13 @@ def test_two_process_meta_init_peak_rss_holds_no_full_model(tmp_path):
 
 
 def test_the_gpu_start_script_runs_on_a_cpu_without_the_data_dependencies(tmp_path):
-    """benchmarks/gpu_meta_init.py, as the device machine runs it (no datasets, no jsonargparse), on a CPU."""
+    """benchmarks/gpu/gpu_meta_init.py, as the device machine runs it (no datasets, no jsonargparse), on a CPU."""
     import json
 
     from helpers import WITHOUT_DATA_DEPS, run_python
 
     out = tmp_path / "start.json"
-    proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu_meta_init.py", "--device", "cpu", "--layers", "2",
+    proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu/gpu_meta_init.py", "--device", "cpu", "--layers", "2",
                       "--hidden", "128", "--seq", "16", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["results"]}

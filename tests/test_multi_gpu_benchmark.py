@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/multi_gpu.py on 2 CPU processes (gloo): it runs and reports every row."""
+"""Smoke test of benchmarks/gpu/multi_gpu.py on 2 CPU processes (gloo): it runs and reports every row."""
 
 import json
 import os
@@ -16,7 +16,7 @@ def test_multi_gpu_benchmark_runs_on_two_cpu_processes(tmp_path):
     out = tmp_path / "mg.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(33500 + os.getpid() % 1000), str(ROOT / "benchmarks" / "multi_gpu.py"),
+        "--master_port", str(33500 + os.getpid() % 1000), str(ROOT / "benchmarks" / "gpu" / "multi_gpu.py"),
         "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq-len", "16",
         "--strategies", "ddp", "fsdp2", "--configs", "baseline", "n/4 compressed", "--out", str(out),
     ]

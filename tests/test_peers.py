@@ -1,4 +1,4 @@
-"""benchmarks/peers.py: the --quick smoke run, its JSON and the figures' properties."""
+"""benchmarks/cpu/peers.py: the --quick smoke run, its JSON and the figures' properties."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ peers = pytest.importorskip("peers")
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, object]:
     out = tmp_path_factory.mktemp("peers")
-    proc = run_python("benchmarks/peers.py", "--quick", "--out", str(out), timeout=300)
+    proc = run_python("benchmarks/cpu/peers.py", "--quick", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "peers_quick.json").read_text()), out
 
@@ -70,7 +70,7 @@ def test_resume_trains_nothing_again(quick):
     files = sorted((out / "runs").rglob("*.json"))
     assert len(files) == len(result["rows"])
     before = {p: p.stat().st_mtime_ns for p in files}
-    proc = run_python("benchmarks/peers.py", "--quick", "--resume", "--out", str(out), timeout=300)
+    proc = run_python("benchmarks/cpu/peers.py", "--quick", "--resume", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "done " not in proc.stdout and "measuring" not in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "runs").rglob("*.json"))} == before
@@ -128,7 +128,7 @@ def test_sweep_extends_past_the_end_the_best_lr_sits_at():
 def test_report_only_keeps_the_measured_memory_columns(quick):
     """--report-only (without --resume) summarizes what is on disk, the memory measurement included."""
     result, out = quick
-    proc = run_python("benchmarks/peers.py", "--quick", "--report-only", "--out", str(out), timeout=300)
+    proc = run_python("benchmarks/cpu/peers.py", "--quick", "--report-only", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = json.loads((out / "peers_quick.json").read_text())
     before = {r["method"]: r["memory"]["total"] for r in result["rows"]}

@@ -1,4 +1,4 @@
-"""benchmarks/quickstart_seeds.py: reading the CSV logger back and the paired summary (no training)."""
+"""benchmarks/cpu/quickstart_seeds.py: reading the CSV logger back and the paired summary (no training)."""
 
 import importlib
 import json
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quickstart_seeds.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu" / "quickstart_seeds.py"
 
 
 @pytest.fixture(scope="module")
 def qs():
-    return importlib.import_module("quickstart_seeds")  # benchmarks/ is on sys.path (conftest.py)
+    return importlib.import_module("quickstart_seeds")  # benchmarks/cpu/ is on sys.path (conftest.py)
 
 
 def test_metrics_csv_is_read_back_per_metric_skipping_empty_cells(qs, tmp_path):
@@ -53,8 +53,8 @@ def test_report_only_reads_every_seed_on_disk_unless_seeds_are_named(qs, tmp_pat
 
 
 def test_stall_diagnostic_records_every_step_of_the_shipped_recipe(tmp_path, monkeypatch):
-    # benchmarks/quickstart_stall.py on the quickstart recipe, 2 steps of 2 x 32 bytes.
-    root = SCRIPT.parent.parent
+    # benchmarks/diagnostics/quickstart_stall.py on the quickstart recipe, 2 steps of 2 x 32 bytes.
+    root = SCRIPT.parents[2]
     stall = importlib.import_module("quickstart_stall")
     monkeypatch.chdir(tmp_path)
     out = stall.main(["--recipe", str(root / "recipes" / "quickstart" / "pretrain_llama_tiny.yaml"), "--seed", "1",

@@ -2,7 +2,7 @@
 
 import math
 
-import gpu_speed  # benchmarks/ is on sys.path (conftest.py)
+import gpu_speed  # benchmarks/gpu/ and cpu/ are on sys.path (conftest.py)
 import host_overhead
 import torch
 

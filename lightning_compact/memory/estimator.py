@@ -35,7 +35,7 @@ What is modelled, and how:
   minus ``max_memory_allocated``), and memory other processes or libraries take.
 
 Checked against ``torch.cuda.max_memory_allocated`` on an H200 (torch 2.11, CUDA 13)
-with ``benchmarks/gpu_validate_estimator.py``: the 60M and 350M pretraining recipes
+with ``benchmarks/gpu/gpu_validate_estimator.py``: the 60M and 350M pretraining recipes
 (bf16-mixed, and 350M in bf16-true), baseline and CompAct n/4 in both modes, all
 within 0.25%.
 

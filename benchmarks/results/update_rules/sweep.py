@@ -1,6 +1,6 @@
 """Engineer Q2's small check of CompActAdamW's update rules (issue 20 part 2), not the benchmark.
 
-The quickstart-sized LLaMA of benchmarks/peers.py (d=256, 4 layers, KJV bytes through
+The quickstart-sized LLaMA of benchmarks/cpu/peers.py (d=256, 4 layers, KJV bytes through
 PretrainDataModule, 8 x 128, warm-up then cosine, weight decay 0), reusing its ``train``:
 update_rule adam / channel / tensor at r = n/4, plus channel with APOLLO's norm-growth
 limiter switched off (the module constant ``_NORM_GROWTH_LIMIT``), at a few learning rates,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/
+sys.path.insert(0, str(HERE.parents[1] / "cpu"))  # benchmarks/cpu/, for peers.py
 import peers  # noqa: E402
 
 import lightning_compact.optim as optim  # noqa: E402
