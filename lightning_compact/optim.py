@@ -394,12 +394,18 @@ def _check_update_rule(update_rule: object) -> None:
 _NORM_GROWTH_LIMIT: float | None = 1.01
 
 
+# The all-reduce of the norms below. memory.sharded swaps in a staged one while it measures a
+# real gloo step (see untracked_gloo_all_reduce), so that no tracked buffer is freed on gloo's thread.
+def _all_reduce(tensor: torch.Tensor, group: Any = None) -> None:
+    dist.all_reduce(tensor, group=group)
+
+
 def _sum_over_shards(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum ``local`` (per-shard partial sums of ``like``'s entries) over the mesh dims that shard ``like``."""
     if is_dtensor(like):
         for dim, placement in enumerate(like.placements):
             if placement.is_shard():
-                dist.all_reduce(local, group=like.device_mesh.get_group(dim))
+                _all_reduce(local, group=like.device_mesh.get_group(dim))
     return local
 
 

@@ -67,7 +67,13 @@ from lightning_compact.memory.breakdown import MemoryBreakdown, StepMemory, form
 from lightning_compact.memory.formula import LinearInputRecorder, Table1, table1
 from lightning_compact.memory.recipe import ESTIMATOR_SHAPES, PRECISIONS, STRATEGIES, RunShape, llama_module, model_config, read_recipe
 from lightning_compact.memory.sdpa import cuda_attention_memory
-from lightning_compact.memory.sharded import add_gradients, ddp_bucket_bytes, fake_process_group, shard_for_fsdp2
+from lightning_compact.memory.sharded import (
+    add_gradients,
+    ddp_bucket_bytes,
+    fake_process_group,
+    shard_for_fsdp2,
+    untracked_gloo_all_reduce,
+)
 from lightning_compact.memory.tracker import CUDA_ALLOCATION_ROUNDING, StepMemoryTracker
 
 __all__ = [
@@ -313,6 +319,8 @@ def estimate(shape: RunShape, variant: Variant = Variant(), *, fake: bool = True
             elif not (torch.distributed.is_initialized() and torch.distributed.get_world_size() == world_size):
                 raise RuntimeError(f"a real (fake=False) fsdp2 step needs an initialised process group of {world_size}")
             mesh = init_device_mesh("cpu", (world_size,))  # outside FakeTensorMode: the mesh reads real ranks
+            if not fake:
+                stack.enter_context(untracked_gloo_all_reduce())
         if fake:
             stack.enter_context(fake_tensor_mode()())
         if cuda:

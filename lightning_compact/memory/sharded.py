@@ -80,6 +80,26 @@ class _UntrackedCollective:
             output_tensor.copy_(receive)
 
 
+def _staged_all_reduce(tensor: torch.Tensor, group: Any = None) -> None:
+    with torch.no_grad(), dispatch_modes_disabled():
+        staged = tensor.clone()
+        dist.all_reduce(staged, group=group)
+        tensor.copy_(staged)
+
+
+@contextlib.contextmanager
+def untracked_gloo_all_reduce() -> Iterator[None]:
+    """CompActAdamW's per-weight norm all-reduces (channel/tensor rules) through staging copies, as
+    :class:`_UntrackedCollective` does for FSDP2's collectives: for a measured real gloo step."""
+    from lightning_compact import optim
+
+    previous, optim._all_reduce = optim._all_reduce, _staged_all_reduce
+    try:
+        yield
+    finally:
+        optim._all_reduce = previous
+
+
 def untracked_gloo_collectives(modules: Sequence[Any]) -> None:
     """Route the FSDP2 modules' collectives through :class:`_UntrackedCollective` (a real gloo step, measured)."""
     for module in modules:
