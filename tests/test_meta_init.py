@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 
 from helpers import make_trainer, run_two_ranks
@@ -62,7 +63,9 @@ def test_keyed_reset_parameters_leaves_the_default_init_alone():
 @pytest.mark.parametrize("grad_mode", ["compressed", "decompressed"])
 def test_compact_converts_a_meta_model_without_allocating(grad_mode):
     model = _tiny_llama(meta=True)
-    CompAct(rank=4, grad_mode=grad_mode, share_projection=True).convert(model, fsdp=True)
+    compact = CompAct(rank=4, grad_mode=grad_mode, share_projection=True)
+    compact.convert(model, fsdp=True)
+    assert len(compact.layers) == 7 * TINY["num_hidden_layers"]  # it did convert
     tensors = [*model.parameters(), *model.buffers()]
     assert tensors and all(t.is_meta for t in tensors)
 
@@ -94,7 +97,9 @@ def _loader(n=8):
     return torch.utils.data.DataLoader([{"input_ids": t} for t in tokens], batch_size=2)
 
 
-class _Initial(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
+class _Initial(Callback):
+    """The module's weights when training starts (after configure_model materialized them)."""
+
     def on_train_start(self, trainer, pl_module):
         self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
@@ -125,9 +130,9 @@ def test_init_checkpoint_is_loaded_once_and_checked(tmp_path):
     make_trainer(tmp_path / "run", [CompActCallback(rank=4), initial], max_steps=1).fit(module, _loader(2))
     for name, value in source.state_dict().items():
         assert torch.equal(initial.state[name], value), name
-    wrong = _tiny_llama(meta=True)
+    # A checkpoint saved with a prefix (as a LightningModule's state_dict has "model.") is refused by name.
+    wrong = materialize_(_tiny_llama(meta=True), "cpu", lambda m: m.reset_parameters(seed=0))
     with pytest.raises(ValueError, match="missing .*unexpected .*'model.model.embed_tokens.weight'"):
-        materialize_(wrong, "cpu", lambda m: m.reset_parameters(seed=0))
         load_full_state_dict(wrong, {f"model.{k}": v for k, v in source.state_dict().items()})
 
 
