@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import PlainLM, make_trainer, token_loader  # noqa: E402
+from helpers import PlainLM, full_state, make_trainer, token_loader  # noqa: E402
 
 from lightning_compact import CompActCallback  # noqa: E402
 
@@ -80,10 +80,6 @@ class ReduceScatterCounter:
             return original(*args, **kwargs)
 
         return counted
-
-
-def full_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in module.state_dict().items()}
 
 
 def trainer_for(out_dir: Path, callbacks, max_epochs: int, distributed_ckpt: bool = True, **kwargs) -> pl.Trainer:

@@ -53,6 +53,11 @@ class PlainLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with FSDP2's DTensors gathered into full tensors (copies)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in module.state_dict().items()}
+
+
 def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     defaults = dict(
         default_root_dir=tmp_path,

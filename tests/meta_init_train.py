@@ -19,7 +19,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import make_trainer  # noqa: E402
+sys.path.insert(1, str(Path(__file__).parents[1] / "benchmarks" / "common"))  # host_peak_bytes, shared with gpu_meta_init
+from helpers import full_state, make_trainer  # noqa: E402
+from provenance import host_peak_bytes  # noqa: E402
 
 from lightning_compact import CompActCallback  # noqa: E402
 from lightning_compact.models import CausalLMModule  # noqa: E402
@@ -33,20 +35,6 @@ BIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidde
 BIG_PARAMS = 8 * (4 * 2048 * 2048 + 3 * 2048 * 5504 + 2 * 2048) + 2 * 32000 * 2048 + 2048
 
 
-def peak_rss_bytes() -> int:
-    # VmHWM, not getrusage's ru_maxrss: the latter survives exec, so rank 1 (forked from rank 0 by
-    # Lightning's launcher) would report rank 0's peak at the time of the fork.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def full_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in module.model.state_dict().items()}
-
-
 class Record(pl.Callback):
     def __init__(self, snapshot: bool = True):
         self.snapshot = snapshot
@@ -55,11 +43,11 @@ class Record(pl.Callback):
         self.losses: list[float] = []
 
     def on_fit_start(self, trainer, pl_module):
-        self.rss_at_start = peak_rss_bytes()
+        self.rss_at_start = host_peak_bytes()
 
     def on_train_start(self, trainer, pl_module):
         if self.snapshot:
-            self.initial = full_state(pl_module)
+            self.initial = full_state(pl_module.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
@@ -92,7 +80,7 @@ def exact(out_dir: Path) -> None:
         rank = trainer.global_rank
         trainer.fit(module, loader(rank, TINY["vocab_size"]))
         results[f"{kind}_initial"] = record.initial
-        results[f"{kind}_final"] = full_state(module)
+        results[f"{kind}_final"] = full_state(module.model)
         results[f"{kind}_losses"] = record.losses
         results[f"{kind}_weight_shards"] = sorted({m.weight_shards for m in module.modules() if hasattr(m, "weight_shards")})
     # A full checkpoint (written by the test) loaded into the sharded model; rank 1 never reads it.
@@ -105,12 +93,12 @@ def exact(out_dir: Path) -> None:
 
 
 def rss(out_dir: Path, mode: str) -> None:
-    before = peak_rss_bytes()
+    before = host_peak_bytes()
     module = CausalLMModule("llama_60m", config_overrides=BIG, empty_init=mode == "meta", init_seed=SEED)
     record = Record(snapshot=False)  # gathering the full state would hold the whole model
     trainer = trainer_for(out_dir / mode, [CompActCallback(rank=0.25), record], 1)
     trainer.fit(module, loader(0, 100, n=1, seq=8))
-    torch.save({"before_build": before, "at_fit_start": record.rss_at_start, "after_step": peak_rss_bytes()},
+    torch.save({"before_build": before, "at_fit_start": record.rss_at_start, "after_step": host_peak_bytes()},
                out_dir / f"rank{trainer.global_rank}.pt")
 
 

@@ -24,6 +24,18 @@ import lightning_compact
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def host_peak_bytes() -> int:
+    """This process's peak resident memory (Linux ``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: that survives ``exec``, so a process started by a
+    fork (a rank Lightning's launcher starts) would report its parent's peak at the fork.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (a Linux peak-RSS counter)")
+
+
 def _lightning_version() -> str | None:
     try:
         return importlib.metadata.version("lightning")

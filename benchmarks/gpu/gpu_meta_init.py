@@ -30,14 +30,7 @@ import torch
 
 # The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-from provenance import provenance, write_json  # noqa: E402
-
-
-def host_peak_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from provenance import host_peak_bytes, provenance, write_json  # noqa: E402
 
 
 def first_step(arm: str, model_name: str, overrides: dict[str, Any], device: torch.device, seq: int) -> dict[str, Any]:
