@@ -3,7 +3,8 @@
 The memory accounting needs what torch has no public API for: fake tensors (the
 estimator runs a 7B step without allocating), the ``MemTracker`` behind the per-category
 figures, the fake process group's store (per-rank FSDP2 estimates) and dispatch modes
-(counting live storages in a benchmark). Each is imported here, on first use, and a
+(counting live storages in a benchmark), and the C entry of ``autograd.Function.apply``
+(one call per CompAct layer and step, where the Python wrapper's argument scan showed). Each is imported here, on first use, and a
 torch without it raises :class:`PrivateTorchAPIError` naming the versions this package
 was checked with. (``torch._foreach_*`` in ``optim.py`` are the multi-tensor kernels
 ``torch.optim`` itself runs; they are ops, not modules, and stay there.)
@@ -21,6 +22,7 @@ __all__ = [
     "CHECKED_TORCH",
     "PrivateTorchAPIError",
     "adopt_module_hooks",
+    "eager_function_apply",
     "dispatch_modes_disabled",
     "fake_store",
     "fake_tensor",
@@ -99,3 +101,23 @@ def adopt_module_hooks(source: torch.nn.Module, target: torch.nn.Module) -> None
     # Without this flag nn.Module treats the entries of _backward_hooks as neither full nor
     # legacy hooks and never calls them.
     target._is_full_backward_hook = getattr(source, "_is_full_backward_hook", None)
+
+
+def eager_function_apply(function: type[torch.autograd.Function]) -> Any:
+    """``function.apply`` for eager calls outside functorch transforms: torch's C entry, without the Python wrapper.
+
+    ``Function.apply`` scans every argument for dead functorch wrappers before it calls the C
+    entry; outside functorch transforms (``torch._C._are_functorch_transforms_active``, private)
+    that scan finds nothing, and at small micro-batches it was 2-4 µs of each CompAct layer's
+    call. Returns a callable that takes the wrapper's path whenever a transform is active;
+    callers keep ``function.apply`` under ``torch.compile`` (dynamo recognizes that call).
+    """
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    c_apply = super(torch.autograd.Function, function).apply  # torch._C._FunctionBase.apply, bound to function
+    if transforms_active is None:
+        return function.apply
+
+    def apply(*args: Any) -> Any:
+        return function.apply(*args) if transforms_active() else c_apply(*args)
+
+    return apply

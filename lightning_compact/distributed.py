@@ -116,8 +116,13 @@ def add_decompressed_(weight: torch.Tensor, update: torch.Tensor, proj: torch.Te
     by rows alike (the usual case) each rank updates its own rows inside the matmul: no
     communication and no ``[m, n]`` temporary (see :func:`decompress` for the rest).
     """
+    add_decompressed_unguarded_(weight, update, proj, alpha)
+
+
+def add_decompressed_unguarded_(weight: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, alpha: float) -> None:
+    """:func:`add_decompressed_` for callers already under ``torch.no_grad()`` (an optimizer's step, per layer)."""
     if not isinstance(weight, DTensor) and not isinstance(update, DTensor):
-        weight.addmm_(update.to(weight.dtype), proj.t(), alpha=alpha)
+        weight.addmm_(update if update.dtype == weight.dtype else update.to(weight.dtype), proj.t(), alpha=alpha)
     elif isinstance(weight, DTensor) and _same_rows(update, weight):
         local_shard(weight).addmm_(local_shard(update).to(weight.dtype), proj.t(), alpha=alpha)
     else:

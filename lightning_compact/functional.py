@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from lightning_compact._torch_private import eager_function_apply
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, seed_keys
 
 __all__ = ["GRAD_MODES", "compact_linear", "input_kept_elsewhere", "observe_compressed_inputs"]
@@ -65,61 +66,73 @@ def _projection(in_features: int, rank: int, proj, keys, kind: str, dtype: torch
 
 
 class _CompActLinearFunction(torch.autograd.Function):
+    # Every line here runs once per layer and step: at small micro-batches this class's Python
+    # was a visible part of a step, so the static arguments travel as one tuple (``spec``).
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, input, weight, bias, weight_delta, compressed, proj, keys, rank: int, kind: str, kept=None
-    ):
-        # ``compressed`` (x·P) is made by compact_linear, outside autograd, so layers that
-        # share an input and a projection can share it too. ``kept``: the input's storage,
-        # which another op (SDPA) keeps for its own backward anyway; it is saved instead of
-        # x·P (no new memory) and the weight gradient is computed from it.
-        output = F.linear(input, weight, bias)
-        decompress = weight_delta is None and ctx.needs_input_grad[1]
+    def forward(ctx, input, weight, bias, weight_delta, saved, proj, keys, spec):  # type: ignore[override]
+        # ``saved``: x·P, made by compact_linear outside autograd (so layers that share an input
+        # and a projection can share it too), or, where ``spec`` says so, the input itself, whose
+        # storage another op (SDPA) keeps for its own backward anyway: saved instead of x·P (no
+        # new memory), the weight gradient is made from it. spec = (rank, kind, from_kept).
+        needs = ctx.needs_input_grad
         # Save only what each gradient needs: W for ∂L/∂x, x·P for ∂L/∂W, and P (a cached
         # tensor, no new memory) or its keys where Ĝ is decompressed, or made from the kept input.
-        need_p = kept is not None or decompress
+        need_p = spec[2] or (weight_delta is None and needs[1])
         ctx.save_for_backward(
-            compressed if kept is None else kept,
-            weight if ctx.needs_input_grad[0] else None,
+            saved,
+            weight if needs[0] else None,
             proj if need_p else None,
-            keys if proj is None and need_p else None,
+            keys if need_p and proj is None else None,
         )
-        ctx.from_kept_input = kept is not None
+        ctx.spec = spec
         ctx.input_shape = input.shape
-        ctx.rank, ctx.kind = rank, kind
         ctx.delta_dtype = weight_delta.dtype if weight_delta is not None else None
-        return output
+        return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        compressed, weight, proj, keys = ctx.saved_tensors
+        saved, weight, proj, keys = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        n = ctx.input_shape[-1]
+        rank, kind, from_kept = ctx.spec
+        delta_dtype = ctx.delta_dtype
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = grad_delta = None
         if needs[0]:
             # Autocast is off in a custom backward: match dtypes explicitly (e.g. bf16 grad, fp32 W).
-            grad_input = (grad_2d @ _as(weight, grad_2d.dtype)).view(ctx.input_shape)
-        if ctx.from_kept_input and (needs[3] or (needs[1] and ctx.delta_dtype is None)):
-            # Ĝ = (∂L/∂o)ᵀ (x P) from the kept input: the very value a stored x·P gives (not the
-            # exact gradient in decompressed mode, which a compiled graph, storing x·P, could not match).
-            x = compressed.reshape(-1, n)
-            p = _projection(n, ctx.rank, proj, keys, ctx.kind, x.dtype)
-            g_hat = _as(grad_2d, x.dtype).t() @ (x @ p)
+            grad_input = torch.mm(grad_2d, _as(weight, grad_2d.dtype)).view(ctx.input_shape)
+        if needs[3] or (needs[1] and delta_dtype is None):
+            n = ctx.input_shape[-1]
+            if from_kept:
+                # Ĝ = (∂L/∂o)ᵀ (x P) from the kept input: the very value a stored x·P gives (not the
+                # exact gradient in decompressed mode, which a compiled graph, storing x·P, could not match).
+                x = saved.reshape(-1, n)
+                p = _projection(n, rank, proj, keys, kind, x.dtype)
+                saved = torch.mm(x, p)
+            elif not needs[3]:
+                p = _projection(n, rank, proj, keys, kind, saved.dtype)  # decompressed: P again
+            grad_saved = _as(grad_2d, saved.dtype)
             if needs[3]:
-                grad_delta = _as(g_hat, ctx.delta_dtype)
+                # Ĝ = (∂L/∂o)ᵀ (x P): [m, r], in δ's dtype (the dtype .grad of the weight would have).
+                grad_delta = _as(torch.mm(grad_saved.t(), saved), delta_dtype)
             else:
-                grad_weight = g_hat @ p.t()
-        elif needs[3]:
-            # Ĝ = (∂L/∂o)ᵀ (x P), in δ's dtype (the dtype .grad of the weight would have).
-            grad_delta = _as(_as(grad_2d, compressed.dtype).t() @ compressed, ctx.delta_dtype)
-        elif needs[1] and ctx.delta_dtype is None:
-            grad_compressed = _as(grad_2d, compressed.dtype).t() @ compressed  # Ĝ: [m, r]
-            p = _projection(n, ctx.rank, proj, keys, ctx.kind, compressed.dtype)
-            grad_weight = grad_compressed @ p.t()  # [m, n]
+                grad_weight = _decompressed_weight_grad(grad_saved, saved, p)
         if needs[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_input, grad_weight, grad_bias, grad_delta, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, grad_delta, None, None, None, None
+
+
+def _decompressed_weight_grad(grad_2d: torch.Tensor, compressed: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``Ĝ Pᵀ = ((∂L/∂o)ᵀ (x P)) Pᵀ`` (``[m, n]``), multiplied in the order with fewer flops.
+
+    Ĝ first costs ``m·r·(T + n)``, ``x P Pᵀ`` first ``T·n·(r + m)`` (T tokens): the second wins
+    at small micro-batches (T below about r), where a step is bound by the host anyway.
+    """
+    tokens, r = compressed.shape
+    m, n = grad_2d.shape[1], p.shape[0]
+    if tokens * n * (r + m) < m * r * (tokens + n):
+        return torch.mm(grad_2d.t(), torch.mm(compressed, p.t()))
+    return torch.mm(torch.mm(grad_2d.t(), compressed), p.t())
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,54 +247,100 @@ def _compact_linear(
     share_compressed: bool,
 ) -> torch.Tensor:
     # compact_linear without the argument checks, for CompActLinear, whose arguments are
-    # valid by construction: at small micro-batches the checks were a visible part of a step.
-    n = weight.shape[1]
+    # valid by construction: at small micro-batches the checks were a visible part of a step
+    # (as is every line below: it runs once per layer and step).
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mirror autocast's rule for F.linear (run in the lower precision), then keep
+        # autocast out of the Function so forward and backward see the same dtypes.
+        dtype = torch.get_autocast_dtype(device_type)
+        cast_input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _compact_linear_uncast(
+                cast_input, input, weight, bias, rank, seed, proj, projection, weight_delta, share_compressed
+            )
+    return _compact_linear_uncast(input, input, weight, bias, rank, seed, proj, projection, weight_delta, share_compressed)
+
+
+def _compact_linear_uncast(
+    input: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    seed: int | torch.Tensor | None,
+    proj: torch.Tensor | None,
+    projection: str,
+    weight_delta: torch.Tensor | None,
+    share_compressed: bool,
+) -> torch.Tensor:
+    # ``source``: the input before an autocast cast (``input`` itself without one).
+    compiling = torch.compiler.is_compiling()
+    apply = _CompActLinearFunction.apply if compiling else _EAGER_APPLY
     keys = None
     if proj is None:
         keys = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed_keys(seed), dtype=torch.int32)
         keys = keys.to(input.device)
-    source = input
-    device_type = input.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        # Mirror autocast's rule for F.linear (run in the lower precision), then keep
-        # autocast out of the Function so forward and backward see the same dtypes.
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    compressed = kept = None
-    tracked = (weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad)) and torch.is_grad_enabled()
-    compiling = torch.compiler.is_compiling()
+    if not (torch.is_grad_enabled() and (weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad))):
+        return apply(input, weight, bias, weight_delta, None, proj, keys, (rank, projection, False))
     if (
-        tracked and not compiling and input_kept_elsewhere(source)
-        and input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()  # no autocast copy
+        not compiling and input_kept_elsewhere(source)
+        and (input is source or input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr())
     ):
-        # Its storage stays alive for SDPA's backward: saving x·P as well would only add memory.
-        kept = input
-    elif tracked:
-        sharing = share_compressed and not compiling
-        compressed = key = None
+        # Its storage stays alive for SDPA's backward (no autocast copy came between): saving
+        # x·P as well would only add memory.
+        return apply(input, weight, bias, weight_delta, input, proj, keys, (rank, projection, True))
+    n = weight.shape[1]
+    saved = key = None
+    sharing = share_compressed and not compiling
+    if sharing:
+        # Which P: the very cache or key tensor (siblings share one), or the int seed.
+        which = id(proj) if proj is not None else (id(seed) if isinstance(seed, torch.Tensor) else seed)
+        # ... and its version: a resample writes the keys or the cache in place.
+        p_source = proj if proj is not None else seed
+        p_version = p_source._version if isinstance(p_source, torch.Tensor) else None
+        key = (rank, which, p_version, projection, input.dtype)
+        saved = _SHARED_COMPRESSION.get(source, key)
+    if saved is None:
+        # Outside autograd (a detached input: cheaper than a no_grad block).
+        p = proj if proj is not None and proj.dtype == input.dtype else _projection(n, rank, proj, keys, projection, input.dtype)
+        saved = torch.mm(input.detach().reshape(-1, n), p)
         if sharing:
-            # Which P: the very cache or key tensor (siblings share one), or the int seed.
-            which = id(proj) if proj is not None else (id(seed) if isinstance(seed, torch.Tensor) else seed)
-            # ... and its version: a resample writes the keys or the cache in place.
-            p_source = proj if proj is not None else seed
-            p_version = p_source._version if isinstance(p_source, torch.Tensor) else None
-            key = (rank, which, p_version, projection, input.dtype)
-            compressed = _SHARED_COMPRESSION.get(source, key)
-        if compressed is None:
-            with torch.no_grad():
-                p = _projection(n, rank, proj, keys, projection, input.dtype)
-                compressed = input.reshape(-1, n) @ p
-            if sharing:
-                _SHARED_COMPRESSION.put(source, key, compressed)
-        for observer in _OBSERVERS:
-            observer(input, compressed)
-    args = (input, weight, bias, weight_delta, compressed, proj, keys, rank, projection, kept)
-    if autocast:
-        with torch.autocast(device_type, enabled=False):
-            return _CompActLinearFunction.apply(*args)
-    return _CompActLinearFunction.apply(*args)
+            _SHARED_COMPRESSION.put(source, key, saved)
+    for observer in _OBSERVERS:
+        observer(input, saved)
+    return apply(input, weight, bias, weight_delta, saved, proj, keys, (rank, projection, False))
+
+
+_EAGER_APPLY = eager_function_apply(_CompActLinearFunction)
+
+
+def _compact_linear_cached(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_delta: torch.Tensor | None,
+    cache: torch.Tensor,
+    rank: int,
+    projection: str,
+) -> torch.Tensor:
+    """:func:`_compact_linear` where the caller has ruled out everything but the common case.
+
+    Eager (not compiling), no autocast, grad enabled for a trainable weight, ``P`` cached in the input's dtype, no
+    shared ``x·P``, no observers: what a CompActLinear meets at every step of a plain run. The
+    same Function with the same arguments, without the branches (at small micro-batches each
+    line here costs a visible share of a layer's step).
+    """
+    if input_kept_elsewhere(input):
+        return _EAGER_APPLY(input, weight, bias, weight_delta, input, cache, None, (rank, projection, True))
+    saved = torch.mm(input.detach().reshape(-1, cache.shape[0]), cache)
+    return _EAGER_APPLY(input, weight, bias, weight_delta, saved, cache, None, (rank, projection, False))
+
+
+def compression_observed() -> bool:
+    """Whether an :func:`observe_compressed_inputs` block is open (its observers must see every forward)."""
+    return bool(_OBSERVERS)
 
 
 class _LastCompression:

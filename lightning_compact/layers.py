@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_compact._torch_private import adopt_module_hooks
 from lightning_compact.distributed import is_dtensor
-from lightning_compact.functional import GRAD_MODES, _compact_linear
+from lightning_compact.functional import GRAD_MODES, _compact_linear, _compact_linear_cached, compression_observed
 from lightning_compact.principal import broadcast_basis_, principal_projection, resolve_principal_rank
 from lightning_compact.projection import DEFAULT_PROJECTION, PROJECTIONS, Projection, build_projection, layer_seed, seed_keys
 
@@ -315,8 +315,9 @@ class CompActLinear(nn.Linear):
     def projection_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The current window's ``P`` (``[in_features, rank]``): the cache, or built from the keys."""
         dtype = dtype if dtype is not None else self.weight.dtype
-        if self.projection_cache is not None:
-            return self.projection_cache if self.projection_cache.dtype == dtype else self.projection_cache.to(dtype)
+        cache = self._buffers["projection_cache"]
+        if cache is not None:
+            return cache if cache.dtype == dtype else cache.to(dtype)
         return build_projection(self.in_features, self.rank, self.projection_keys, projection=self.projection, dtype=dtype)
 
     def refresh_projection_cache(self, dtype: torch.dtype | None = None) -> None:
@@ -492,22 +493,32 @@ class CompActLinear(nn.Linear):
         return self.weight.t() if self.transposed else self.weight
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Parameters and buffers straight from their dicts (FSDP2 swaps entries there too):
+        # nn.Module.__getattr__ is a visible cost at small micro-batches, once per layer and step.
+        params = self._parameters
+        weight = params.get("weight")
+        if weight is None:  # a weight computed by a parametrization added after the conversion
+            weight = self.weight
+        if self.transposed:
+            weight = weight.t()
+        bias = params.get("bias")
         if not (self.active and self.training and torch.is_grad_enabled()):
-            return F.linear(input, self.linear_weight(), self.bias)
+            return F.linear(input, weight, bias)
         if self.cache_mode == "auto" and not torch.compiler.is_compiling():
             self._decide_cache(input)
         if self.basis_pending:
             self.refresh_principal_basis(input)
+        cache = self._buffers["projection_cache"]
+        # A weight frozen after conversion stays frozen: no Ĝ for it either.
+        delta = params["weight_delta"] if weight.requires_grad else None
+        if (
+            weight.requires_grad and cache is not None and cache.dtype == input.dtype and not self.share_projection
+            and not torch.is_autocast_enabled(input.device.type) and not torch.compiler.is_compiling()
+            and not compression_observed()
+        ):
+            return _compact_linear_cached(input, weight, bias, delta, cache, self.rank, self.projection)
         return _compact_linear(  # compact_linear without its argument checks: valid by construction
-            input,
-            self.linear_weight(),
-            self.bias,
-            self.rank,
-            self.projection_keys,
-            self.projection_cache,
-            self.projection,
-            # A weight frozen after conversion stays frozen: no Ĝ for it either.
-            self.weight_delta if self.weight.requires_grad else None,
+            input, weight, bias, self.rank, self._buffers["projection_keys"], cache, self.projection, delta,
             self.share_projection,
         )
 

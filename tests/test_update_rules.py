@@ -314,3 +314,35 @@ def test_two_process_fsdp2_matches_one_process_and_resumes_exactly(tmp_path, rul
     for kind in ("dcp", "full"):
         for name, value in r0["state"].items():
             assert torch.equal(r0[f"resumed_{kind}"][name], value), (kind, name)
+
+
+@pytest.mark.parametrize("rule", ["channel", "tensor"])
+def test_the_batched_rescaling_equals_the_per_layer_one(rule, monkeypatch):
+    # CompActAdamW rescales a group's plain gradients a chunk of layers at a time (two ranks r,
+    # two chunks for r = 4 below); the per-layer function is the definition. Mixed: zero rows, a
+    # layer on its first step (no previous norm) beside limited ones, two step counts.
+    from lightning_compact import optim
+
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 40)  # layers of 5x4 and 7x4: chunks of two
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 4), (7, 4), (5, 4), (3, 6), (6, 6), (7, 4)]
+    updates = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads[1][2] = 0.0  # a row without gradient
+    grads[4].zero_()  # a layer without gradient
+    previous = [0.5, None, 20.0, 0.1, 3.0, 0.2]  # small bounds: the limiter acts on most layers
+    bcs = [0.1, 0.1, 0.1, 0.19, 0.19, 0.1]
+    batched_states = [{} if p is None else {"update_norm": torch.tensor(p, dtype=torch.float64)} for p in previous]
+    single_states = [{} if p is None else {"update_norm": torch.tensor(p, dtype=torch.float64)} for p in previous]
+    batched = optim._rescaled_gradients(updates, grads, rule, batched_states, bcs)
+    single = [optim._rescaled_gradient(u, gr, rule, st, bc) for u, gr, st, bc in zip(updates, grads, single_states, bcs)]
+    limited = 0
+    for k, (out, ref) in enumerate(zip(batched, single)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        # Same formulas, other summation order: float64 rounding over sums of at most 7 terms.
+        assert torch.allclose(out, ref, rtol=1e-14, atol=0.0), k
+        norm, ref_norm = batched_states[k]["update_norm"], single_states[k]["update_norm"]
+        assert abs(norm.item() - ref_norm.item()) <= 1e-14 * abs(ref_norm.item()), k
+        limited += previous[k] is not None and ref_norm.item() < updates[k].norm().item() / bcs[k] * (1 - 1e-9)
+    assert limited >= 3  # the limiter's branch was exercised
+    assert torch.equal(batched[4], torch.zeros_like(grads[4])) and torch.equal(batched[1][2], torch.zeros(4, dtype=torch.float64))
