@@ -61,7 +61,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -347,17 +347,20 @@ class CompActAdamW(Optimizer):
         compressed = [i for i, layer in enumerate(layers) if layer is not None]
         if compressed:
             rule = group["update_rule"]
-            updates = torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed])
+            updates = list(torch._foreach_div([exp_avgs[i] for i in compressed], [denoms[i] for i in compressed]))
+            pending: Iterable[tuple[int, torch.Tensor]] = enumerate(updates)
             if rule != "adam":
                 # Ĝ rescaled (per row or per tensor) to the norm of M / denom = bc1·N; the
                 # coefficient lr·α/bc1 below then makes each rescaled row's norm lr·α·‖N_i‖.
-                updates = _rescaled_gradients(
+                # A chunk of layers at a time, each applied as it comes (see _rescaled_gradients).
+                pending = _rescaled_gradients(
                     updates, [grads[i] for i in compressed], rule, [states[i] for i in compressed],
                     [1 - beta1 ** steps[i] for i in compressed],
                     self.__dict__.setdefault("_row_owners", {}),  # not in __getstate__: rebuilt after a pickle
                 )
             scale = group["scale"]
-            for i, update in zip(compressed, updates):
+            for k, update in pending:
+                i = compressed[k]
                 w = layers[i].linear_weight()  # [out, in], a view where the Parameter is stored transposed
                 proj = layers[i].projection_matrix(dtype=w.dtype)  # [n, r], the P the gradient was made with
                 # W −= lr·α/bc1 · U Pᵀ, decompressed inside the matmul: no [m, n] temporary.
@@ -469,27 +472,32 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def _rescaled_gradients(
-    updates: list[torch.Tensor],
+    updates: list[torch.Tensor | None],
     grads: list[torch.Tensor],
     rule: str,
     states: list[dict[str, Any]],
     bias_corrections1: list[float],
     owners: dict[tuple[Any, ...], torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`_rescaled_gradient` for each layer of a group, with a few ops per chunk of layers instead of per layer.
 
+    Yields ``(k, rescaled Ĝ_k)``, a chunk at a time, and drops ``updates[k]`` once it is used
+    (the list is consumed): a caller that applies each update as it comes holds at most one
+    chunk's temporaries beside the updates not yet rescaled, as the per-layer loop did.
     The same formulas in the same order (so the same values, up to the summation order of a
     norm). At small micro-batches the per-layer version was a fifth of a step's host time.
     Plain tensors with the same ``r``, dtype and device are batched: row norms on the
-    concatenated rows, tensor norms with ``_foreach_norm``; sharded ones (``DTensor``) go
-    one by one, since their norms may need an all-reduce. ``owners``: a cache of the row-owner
-    indices per chunk layout (the optimizer's own; they are built on the gradients' device).
+    concatenated rows, a layer's sums gathered by a row-owner index; sharded ones (``DTensor``)
+    go one by one, since their norms may need an all-reduce. ``owners``: a cache of the
+    row-owner indices per chunk layout (the optimizer's own; built on the gradients' device).
     """
-    out: list[torch.Tensor | None] = [None] * len(updates)
+    owners = {} if owners is None else owners
     buckets: dict[tuple[Any, ...], list[int]] = {}
     for k, (update, grad) in enumerate(zip(updates, grads)):
         if is_dtensor(grad) or is_dtensor(update) or grad.dim() != 2:
-            out[k] = _rescaled_gradient(update, grad, rule, states[k], bias_corrections1[k])
+            out = _rescaled_gradient(update, grad, rule, states[k], bias_corrections1[k])
+            updates[k] = None
+            yield k, out
         else:
             buckets.setdefault((grad.shape[-1], grad.dtype, update.dtype, grad.device), []).append(k)
     for members in buckets.values():
@@ -499,15 +507,16 @@ def _rescaled_gradients(
             if k < 0 or (chunk and size + grads[k].numel() > _CHUNK_ELEMENTS):
                 scaled = _rescale_chunk(
                     [updates[j] for j in chunk], [grads[j] for j in chunk], rule, [states[j] for j in chunk],
-                    [bias_corrections1[j] for j in chunk], {} if owners is None else owners,
+                    [bias_corrections1[j] for j in chunk], owners,
                 )
-                for j, tensor in zip(chunk, scaled):
-                    out[j] = tensor
+                for j in chunk:
+                    updates[j] = None
+                yield from zip(chunk, scaled)
+                del scaled
                 chunk, size = [], 0
             if k >= 0:
                 chunk.append(k)
                 size += grads[k].numel()
-    return out  # type: ignore[return-value]
 
 
 def _rescale_chunk(

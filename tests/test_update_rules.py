@@ -323,7 +323,10 @@ def test_the_batched_rescaling_equals_the_per_layer_one(rule, monkeypatch):
     # layer on its first step (no previous norm) beside limited ones, two step counts.
     from lightning_compact import optim
 
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 40)  # layers of 5x4 and 7x4: chunks of two
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 60)  # chunks of two layers: {0, 1}, {2, 5} (r = 4), {3, 4} (r = 6)
+    chunk_sizes = []
+    rescale_chunk = optim._rescale_chunk
+    monkeypatch.setattr(optim, "_rescale_chunk", lambda us, *a: chunk_sizes.append(len(us)) or rescale_chunk(us, *a))
     g = torch.Generator().manual_seed(0)
     shapes = [(5, 4), (7, 4), (5, 4), (3, 6), (6, 6), (7, 4)]
     updates = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -334,8 +337,16 @@ def test_the_batched_rescaling_equals_the_per_layer_one(rule, monkeypatch):
     bcs = [0.1, 0.1, 0.1, 0.19, 0.19, 0.1]
     batched_states = [{} if p is None else {"update_norm": torch.tensor(p, dtype=torch.float64)} for p in previous]
     single_states = [{} if p is None else {"update_norm": torch.tensor(p, dtype=torch.float64)} for p in previous]
-    batched = optim._rescaled_gradients(updates, grads, rule, batched_states, bcs)
     single = [optim._rescaled_gradient(u, gr, rule, st, bc) for u, gr, st, bc in zip(updates, grads, single_states, bcs)]
+    pending = list(updates)  # consumed: each entry is dropped once rescaled
+    batched_by_k = dict(optim._rescaled_gradients(pending, grads, rule, batched_states, bcs))
+    assert sorted(batched_by_k) == list(range(len(shapes))) and all(u is None for u in pending)
+    assert chunk_sizes == [2, 2, 2]
+    # Lazily, a chunk at a time: after the first yield the later chunks' updates are still pending.
+    pending = list(updates)
+    next(optim._rescaled_gradients(pending, grads, rule, [{} for _ in shapes], bcs))
+    assert pending[0] is None and pending[2] is not None and pending[3] is not None
+    batched = [batched_by_k[k] for k in range(len(shapes))]
     limited = 0
     for k, (out, ref) in enumerate(zip(batched, single)):
         assert out.shape == ref.shape and out.dtype == ref.dtype

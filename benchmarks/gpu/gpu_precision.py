@@ -9,13 +9,16 @@ a plain loop:
 * fp32 baseline (AdamW), bf16-mixed CompAct n/4 (compressed), 16-mixed CompAct n/4
   (compressed, ``torch.amp.GradScaler``), 16-mixed CompAct n/4 decompressed;
 * in the 16-mixed compressed arm the loss is made inf at ``--overflow-at``: that step must be
-  skipped (weights unchanged, the scale halved).
+  skipped (weights unchanged, the scale halved);
+* with ``--seeds K`` the two compressed mixed-precision arms run again for seeds 1..K-1 (another
+  init and another batch order each, the same for both arms): "within noise" is then judged
+  against the seed-to-seed spread, on the paired per-seed differences.
 
 Then, per model family, whether a converted attention output's input is SDPA's kept output on
 this device (``functional.input_kept_elsewhere``). Results as JSON; ``--device cpu`` runs the
 same code on a CPU (fp16 autocast), for a smoke test.
 
-    python benchmarks/gpu/gpu_precision.py --steps 300 --out gpu_out/precision.json
+    python benchmarks/gpu/gpu_precision.py --steps 300 --seeds 3 --out gpu_out/precision.json
 """
 
 from __future__ import annotations
@@ -101,6 +104,29 @@ def train(arm: str, base: torch.nn.Module, data: torch.Tensor, device: torch.dev
             "finite": all(math.isfinite(x) for i, x in enumerate(losses) if i != overflow_at)}
 
 
+def compare_precisions(final: dict[tuple[int, str], float], seeds: int) -> dict[str, Any] | None:
+    """16-mixed against bf16-mixed (compressed) over seeds: paired differences of the final loss, and the noise.
+
+    The noise is the seed-to-seed standard deviation of bf16-mixed's final loss (init and batch
+    order); the difference is 16-mixed minus bf16-mixed on the same seed, with a 95% t-interval.
+    """
+    if seeds < 2:
+        return None
+    bf16 = [final[(s, "bf16-mixed compressed")] for s in range(seeds)]
+    fp16 = [final[(s, "16-mixed compressed")] for s in range(seeds)]
+    diffs = [a - b for a, b in zip(fp16, bf16)]
+    mean = sum(diffs) / seeds
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (seeds - 1))
+    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(seeds, 2.0)
+    bf16_mean = sum(bf16) / seeds
+    noise = math.sqrt(sum((x - bf16_mean) ** 2 for x in bf16) / (seeds - 1))
+    return {
+        "bf16_final": bf16, "fp16_final": fp16, "fp16_minus_bf16": diffs, "mean_difference": mean,
+        "t95_interval": [mean - t95 * sd / math.sqrt(seeds), mean + t95 * sd / math.sqrt(seeds)],
+        "bf16_seed_std": noise, "worst_seed_difference": max(diffs, key=abs),
+    }
+
+
 def kept_attention_outputs(device: torch.device) -> dict[str, Any]:
     """For each family: does a converted attention output read SDPA's kept output on this device?"""
     from lightning_compact import CompActConfig, convert_to_compact
@@ -145,30 +171,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--overflow-at", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the paired bf16-mixed / 16-mixed compressed arms")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     from lightning_compact.models.llama import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                        num_attention_heads=4, max_position_embeddings=args.seq))
-    data = batches(corpus_bytes(4_000_000), args.steps, args.batch, args.seq, seed=0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=args.seq)
+    stream = corpus_bytes(4_000_000)
     arms = ["fp32 baseline", "bf16-mixed compressed", "16-mixed compressed", "16-mixed decompressed"]
+    paired = ["bf16-mixed compressed", "16-mixed compressed"]
     rows = []
-    for arm in arms:
-        row = train(arm, base, data, device, args.lr, args.overflow_at if arm == "16-mixed compressed" else None)
-        rows.append(row)
-        print(f"{arm}: final loss (last 10% of steps) {row['final_loss_mean_last_10pct']:.4f}, finite {row['finite']}, "
-              f"overflow step {row['overflow_step']}", flush=True)
-    by = {r["arm"]: r["final_loss_mean_last_10pct"] for r in rows}
-    ratio = by["16-mixed compressed"] / by["bf16-mixed compressed"]
-    print(f"16-mixed / bf16-mixed (compressed), final loss: {ratio:.4f}")
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM(config)
+        data = batches(stream, args.steps, args.batch, args.seq, seed=seed)
+        for arm in arms if seed == 0 else paired:
+            row = train(arm, base, data, device, args.lr, args.overflow_at if arm == "16-mixed compressed" else None)
+            row["seed"] = seed
+            rows.append(row)
+            print(f"seed {seed}, {arm}: final loss (last 10% of steps) {row['final_loss_mean_last_10pct']:.4f}, "
+                  f"finite {row['finite']}, overflow step {row['overflow_step']}", flush=True)
+    final = {(r["seed"], r["arm"]): r["final_loss_mean_last_10pct"] for r in rows}
+    ratio = final[(0, "16-mixed compressed")] / final[(0, "bf16-mixed compressed")]
+    print(f"16-mixed / bf16-mixed (compressed), final loss, seed 0: {ratio:.4f}")
+    comparison = compare_precisions(final, args.seeds)
+    if comparison is not None:
+        print(json.dumps(comparison))
     kept = kept_attention_outputs(device)
     print(json.dumps(kept))
     if args.out is not None:
         write_json(args.out, {"provenance": provenance(device, argv), "settings": {k: str(v) for k, v in vars(args).items()},
-                              "rows": rows, "fp16_over_bf16": ratio, "kept_attention_outputs": kept})
+                              "rows": rows, "fp16_over_bf16": ratio, "fp16_vs_bf16_over_seeds": comparison,
+                              "kept_attention_outputs": kept})
     return 0
 
 

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu/gpu_session.sh memory    # <= 9 min on an H200: issue 11's GPU rows
 #   bash benchmarks/gpu/gpu_session.sh quality   # ~5 min: issue 10's LLaMA-60M run (needs the token file)
-#   bash benchmarks/gpu/gpu_session.sh precision # ~3 min: issue 22's 16-mixed compressed run and SDPA's kept outputs
+#   bash benchmarks/gpu/gpu_session.sh precision # ~6 min: issue 22's 16-mixed compressed run (3 seeds) and SDPA's kept outputs
 #   bash benchmarks/gpu/gpu_session.sh start     # ~4 min: issue 22's LLaMA-7B start from meta against a host build
 #
 # From the development machine, through the device tool (results come back under $OUT):
@@ -52,7 +52,7 @@ quality)
 precision)
     # Issue 22: 16-mixed + GradScaler in compressed mode against bf16-mixed (loss curves, a forced overflow
     # step), and which attention outputs SDPA keeps on CUDA (o_proj, GPT-2's c_proj with and without dropout).
-    step gpu_precision 300 python benchmarks/gpu/gpu_precision.py --steps 300 --out "$OUT/gpu_precision.json"
+    step gpu_precision 420 python benchmarks/gpu/gpu_precision.py --steps 300 --seeds 3 --out "$OUT/gpu_precision.json"
     ;;
 start)
     # Issue 22: LLaMA-7B with CompAct n/4 built on meta and materialized on the GPU against a build in host
