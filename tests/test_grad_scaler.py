@@ -146,10 +146,15 @@ def test_the_gpu_precision_script_runs_on_a_cpu_without_the_data_dependencies(tm
 
     out = tmp_path / "precision.json"
     proc = run_python("-c", WITHOUT_DATA_DEPS, "benchmarks/gpu/gpu_precision.py", "--device", "cpu", "--steps", "5",
-                      "--batch", "2", "--seq", "32", "--overflow-at", "2", "--out", str(out), timeout=600)
+                      "--batch", "2", "--seq", "32", "--overflow-at", "2", "--seeds", "2", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["arm"]: r for r in result["rows"]}
     assert rows["16-mixed compressed"]["overflow_step"]["weights_unchanged"] is True
     assert rows["16-mixed compressed"]["overflow_step"]["scale_after"] == rows["16-mixed compressed"]["overflow_step"]["scale_before"] / 2
-    assert all(r["finite"] for r in rows.values())
+    assert all(r["finite"] for r in result["rows"])
+    paired = result["fp16_vs_bf16_over_seeds"]  # seed 1 reruns the two compressed mixed-precision arms only
+    assert [r["seed"] for r in result["rows"]] == [0, 0, 0, 0, 1, 1]
+    assert len(paired["fp16_minus_bf16"]) == 2
+    lo, hi = paired["t95_interval"]
+    assert lo <= paired["mean_difference"] <= hi
