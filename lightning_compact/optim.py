@@ -257,6 +257,15 @@ class CompActAdamW(Optimizer):
                         )
                 elif PENDING_BASIS in self.state.get(p, ()):
                     decompress_moments_(self.state[p], p)  # a weight restored after CompAct (see put_weights_back)
+                elif p.numel() > 1 and 0 in p.stride():
+                    # A broadcast zero: a weight_delta whose layer is gone (torch's in-place ops would fail
+                    # with "more than one element ... refers to a single memory location").
+                    raise RuntimeError(
+                        f"A parameter of shape {tuple(p.shape)} is a CompAct weight_delta whose layer no longer "
+                        "exists (the model it belonged to was deleted or replaced, e.g. by a copy): build the "
+                        "optimizer from the parameters of the model you train (CompAct.optimizer, or "
+                        "CompActCallback, does this)"
+                    )
                 params.append(p)
                 grads.append(grad)
                 targets.append(target)

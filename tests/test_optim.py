@@ -143,6 +143,19 @@ def test_a_weight_with_both_a_full_and_a_compressed_gradient_is_refused():
         opt.step()
 
 
+def test_a_weight_delta_whose_model_is_gone_is_refused_with_the_fix():
+    import gc
+
+    model = _compressed_model(torch.float32)
+    opt = CompActAdamW(model.parameters())
+    x, y = _batch(0, torch.float32)
+    nn.functional.mse_loss(model(x), y).backward()
+    del model  # the optimizer now holds the parameters of layers that no longer exist
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists.*build the optimizer from the parameters of the model"):
+        opt.step()
+
+
 def test_from_optimizer_puts_each_weight_delta_in_its_weights_place():
     # The compressed weight itself gets neither a .grad nor moments: holding it would only
     # leave a parameter without state, which torch.distributed.checkpoint refuses to load.

@@ -129,8 +129,7 @@ def measure(args, config: LlamaConfig, name: str, strategy: str, device: torch.d
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peaks: list = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak)
-    del model, compact, optimizer
+    dist.all_gather_object(peaks, peak)  # model and optimizer are freed when this returns
     return {
         "strategy": strategy,
         "config": name,
