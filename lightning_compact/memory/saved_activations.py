@@ -94,6 +94,18 @@ class _StorageRegistry:
     def __init__(self) -> None:
         self.live: dict[tuple[str, int], _Storage] = {}
         self.all: list[_Storage] = []
+        self._finalizers: list[weakref.finalize] = []
+
+    def detach(self) -> None:
+        """Stop watching the storages (their finalizers would otherwise live as long as they do)."""
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers = []
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage is a live one of this registry."""
+        entry = self.live.get(_storage_key(t))
+        return entry is not None and entry.alive
 
     def get_or_add(self, t: torch.Tensor, saved: bool) -> _Storage:
         key = _storage_key(t)
@@ -101,7 +113,7 @@ class _StorageRegistry:
         if entry is None or not entry.alive:
             storage = t.untyped_storage()
             entry = _Storage(storage.nbytes(), saved)
-            weakref.finalize(storage, entry.free)
+            self._finalizers.append(weakref.finalize(storage, entry.free))
             self.live[key] = entry
             self.all.append(entry)
         return entry
@@ -116,10 +128,14 @@ class SavedActivationTracker:
     """
 
     def __init__(self, exclude: Iterable[nn.Module | torch.Tensor] = ()) -> None:
-        self._excluded: set[tuple[str, int]] = set()
+        # Excluded storages by address, each while it lives: a buffer freed inside the block (a
+        # projection cache that cache_projections="auto" drops at the first forward) leaves its
+        # address to an activation, which must then be counted.
+        self._excluded = _StorageRegistry()
         for item in exclude:
             tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
-            self._excluded.update(_storage_key(t) for t in tensors)
+            for t in tensors:
+                self._excluded.get_or_add(t, saved=False)
         self._storages = _StorageRegistry()
         self._parameter_copies = _StorageRegistry()
         self._inputs: list[_Storage] = []
@@ -127,7 +143,7 @@ class SavedActivationTracker:
         self._contexts: list = []
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if _storage_key(t) in self._excluded:
+        if self._excluded.holds(t):
             return t
         if _is_parameter_copy(t):
             self._parameter_copies.get_or_add(t, saved=True)
@@ -157,6 +173,7 @@ class SavedActivationTracker:
         for ctx in reversed(self._contexts):
             ctx.__exit__(*exc_info)
         self._contexts = []
+        self._excluded.detach()  # the model's storages outlive the block; the activations' die after backward
 
     def result(self) -> SavedActivations:
         saved = [e for e in self._storages.all if e.saved]
