@@ -41,11 +41,15 @@ CONFIG = LlamaConfig(
     max_position_embeddings=SEQ_LEN,
 )
 # name -> CompActCallback arguments (None: no callback)
+# The paper's method (the Adam update N Pᵀ, o_proj exact): what these runs measured before 0.3
+# made the channel rule and converted attention outputs the defaults ("defaults": those).
+PAPER = dict(update_rule="adam", exclude_modules=["o_proj"])
 RUNS: dict[str, dict | None] = {
     "baseline": None,
-    "compressed": dict(rank=0.25),  # paper-faithful mode, α = 1 (default)
-    "compressed_a0.25": dict(rank=0.25, scale=0.25),  # the paper's pretraining α
-    "decompress": dict(rank=0.25, grad_mode="decompressed"),  # gradient decompression, plain AdamW
+    "compressed": dict(rank=0.25, **PAPER),  # paper-faithful mode, α = 1 (default)
+    "compressed_a0.25": dict(rank=0.25, scale=0.25, **PAPER),  # the paper's pretraining α
+    "decompress": dict(rank=0.25, grad_mode="decompressed", exclude_modules=["o_proj"]),  # plain AdamW on Ĝ Pᵀ
+    "defaults": dict(rank=0.25),  # CompActCallback(rank=0.25): the 0.3 defaults
 }
 
 
