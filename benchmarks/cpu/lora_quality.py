@@ -34,10 +34,11 @@ from provenance import provenance, write_json  # noqa: E402
 
 # Book indices (0-based, KJV order) where each part starts.
 PARTS = (("law", 0), ("history and wisdom", 5), ("prophets", 22), ("new testament", 39))
+# update_rule="adam": the paper's update, the default when these arms were measured (before 0.3's "channel").
 ARMS: dict[str, dict[str, Any] | None] = {
     "lora": None,
-    "lora + compact n/4": dict(rank=0.25, grad_mode="compressed", share_projection=True),
-    "lora + compact n/8": dict(rank=0.125, grad_mode="compressed", share_projection=True),
+    "lora + compact n/4": dict(rank=0.25, grad_mode="compressed", share_projection=True, update_rule="adam"),
+    "lora + compact n/8": dict(rank=0.125, grad_mode="compressed", share_projection=True, update_rule="adam"),
 }
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
