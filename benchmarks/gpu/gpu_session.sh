@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu/gpu_session.sh quality   # ~5 min: issue 10's LLaMA-60M run (needs the token file)
 #   bash benchmarks/gpu/gpu_session.sh precision # ~6 min: issue 22's 16-mixed compressed run (3 seeds) and SDPA's kept outputs
 #   bash benchmarks/gpu/gpu_session.sh start     # ~4 min: issue 22's LLaMA-7B start from meta against a host build
+#   bash benchmarks/gpu/gpu_session.sh host      # ~2 min: issue 22's Lightning host cost at 1 x 8 tokens, on the GPU
 #
 # From the development machine, through the device tool (results come back under $OUT):
 #   run(command="bash benchmarks/gpu/gpu_session.sh memory", timeout_s=540)
@@ -59,12 +60,17 @@ start)
     # memory: seconds to the first step, host peak RSS growth, max_memory_allocated.
     step gpu_meta_init 420 python benchmarks/gpu/gpu_meta_init.py --out "$OUT/gpu_meta_init.json"
     ;;
+host)
+    # Issue 22: the tiny 24-block shape through the Trainer on the GPU (CPU: 1.19x in both modes, RESULTS).
+    step lightning_overhead 240 python benchmarks/cpu/lightning_overhead.py --accelerator gpu --rounds 5 --steps 60 \
+        --out "$OUT/lightning_overhead_gpu.json"
+    ;;
 speed)
     # Eager and fullgraph-compiled tokens/s, the orthogonal projection's QR included.
     step gpu_speed 480 python benchmarks/gpu/gpu_speed.py --out "$OUT/gpu_speed.json"
     ;;
 *)
-    echo "usage: $0 memory|quality|speed|precision|start" >&2
+    echo "usage: $0 memory|quality|speed|precision|start|host" >&2
     exit 2
     ;;
 esac
