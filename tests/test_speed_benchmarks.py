@@ -20,6 +20,19 @@ def test_host_overhead_reports_every_configuration_against_the_baseline(tmp_path
     assert (tmp_path / "r.json").exists()
 
 
+def test_lightning_overhead_times_every_configuration_through_the_trainer(tmp_path):
+    import json
+
+    import lightning_overhead
+
+    assert lightning_overhead.main(["--rounds", "1", "--steps", "7", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["ratio_to_baseline"]) == list(lightning_overhead.CONFIGS)
+    assert result["ratio_to_baseline"]["baseline"] == 1.0
+    assert all(len(times) == 1 and times[0] > 0 for times in result["median_step_seconds"].values())
+    assert result["provenance"]["device"].startswith("cpu")
+
+
 def test_gpu_speed_script_runs_every_configuration_on_cpu():
     result = gpu_speed.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
                              "--warmup", "1", "--no-compile"])
