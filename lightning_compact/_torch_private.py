@@ -3,11 +3,13 @@
 The memory accounting needs what torch has no public API for: fake tensors (the
 estimator runs a 7B step without allocating), the ``MemTracker`` behind the per-category
 figures, the fake process group's store (per-rank FSDP2 estimates) and dispatch modes
-(counting live storages in a benchmark), and the C entry of ``autograd.Function.apply``
-(one call per CompAct layer and step, where the Python wrapper's argument scan showed). Each is imported here, on first use, and a
+(counting live storages in a benchmark). Each is imported here, on first use, and a
 torch without it raises :class:`PrivateTorchAPIError` naming the versions this package
-was checked with. (``torch._foreach_*`` in ``optim.py`` are the multi-tensor kernels
-``torch.optim`` itself runs; they are ops, not modules, and stay there.)
+was checked with. One more serves speed, not accounting: the C entry of
+``autograd.Function.apply`` (:func:`eager_function_apply`, called once per CompAct layer and
+step), which falls back to the public ``apply`` where the private check it needs is missing.
+(``torch._foreach_*`` in ``optim.py`` are the multi-tensor kernels ``torch.optim`` itself
+runs; they are ops, not modules, and stay there.)
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ __all__ = [
     "CHECKED_TORCH",
     "PrivateTorchAPIError",
     "adopt_module_hooks",
-    "eager_function_apply",
     "dispatch_modes_disabled",
+    "eager_function_apply",
     "fake_store",
     "fake_tensor",
     "fake_tensor_mode",
