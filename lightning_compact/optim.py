@@ -463,7 +463,7 @@ def _rescaled_gradient(
         norm = squares[0].sqrt() / bias_correction1
         previous = state.get("update_norm")
         if previous is not None:
-            limiter = (norm / (_NORM_GROWTH_LIMIT * previous.to(norm.device))).clamp_min(1.0)
+            limiter = (norm / (_NORM_GROWTH_LIMIT * previous.to(norm.device, norm.dtype))).clamp_min(1.0)  # in `work`, as batched
             factor = factor / limiter
             norm = norm / limiter
         state["update_norm"] = norm.to(u.dtype)  # the parameter's dtype: what load_state_dict casts it to
