@@ -247,70 +247,55 @@ def _compact_linear(
     share_compressed: bool,
 ) -> torch.Tensor:
     # compact_linear without the argument checks, for CompActLinear, whose arguments are
-    # valid by construction: at small micro-batches the checks were a visible part of a step
-    # (as is every line below: it runs once per layer and step).
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Mirror autocast's rule for F.linear (run in the lower precision), then keep
-        # autocast out of the Function so forward and backward see the same dtypes.
-        dtype = torch.get_autocast_dtype(device_type)
-        cast_input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _compact_linear_uncast(
-                cast_input, input, weight, bias, rank, seed, proj, projection, weight_delta, share_compressed
-            )
-    return _compact_linear_uncast(input, input, weight, bias, rank, seed, proj, projection, weight_delta, share_compressed)
-
-
-def _compact_linear_uncast(
-    input: torch.Tensor,
-    source: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rank: int,
-    seed: int | torch.Tensor | None,
-    proj: torch.Tensor | None,
-    projection: str,
-    weight_delta: torch.Tensor | None,
-    share_compressed: bool,
-) -> torch.Tensor:
-    # ``source``: the input before an autocast cast (``input`` itself without one).
+    # valid by construction (its common case takes _compact_linear_cached instead).
+    n = weight.shape[1]
     compiling = torch.compiler.is_compiling()
-    apply = _CompActLinearFunction.apply if compiling else _EAGER_APPLY
     keys = None
     if proj is None:
         keys = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed_keys(seed), dtype=torch.int32)
         keys = keys.to(input.device)
-    if not (torch.is_grad_enabled() and (weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad))):
-        return apply(input, weight, bias, weight_delta, None, proj, keys, (rank, projection, False))
-    if (
-        not compiling and input_kept_elsewhere(source)
-        and (input is source or input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr())
-    ):
-        # Its storage stays alive for SDPA's backward (no autocast copy came between): saving
-        # x·P as well would only add memory.
-        return apply(input, weight, bias, weight_delta, input, proj, keys, (rank, projection, True))
-    n = weight.shape[1]
-    saved = key = None
-    sharing = share_compressed and not compiling
-    if sharing:
-        # Which P: the very cache or key tensor (siblings share one), or the int seed.
-        which = id(proj) if proj is not None else (id(seed) if isinstance(seed, torch.Tensor) else seed)
-        # ... and its version: a resample writes the keys or the cache in place.
-        p_source = proj if proj is not None else seed
-        p_version = p_source._version if isinstance(p_source, torch.Tensor) else None
-        key = (rank, which, p_version, projection, input.dtype)
-        saved = _SHARED_COMPRESSION.get(source, key)
-    if saved is None:
-        # Outside autograd (a detached input: cheaper than a no_grad block).
-        p = proj if proj is not None and proj.dtype == input.dtype else _projection(n, rank, proj, keys, projection, input.dtype)
-        saved = torch.mm(input.detach().reshape(-1, n), p)
-        if sharing:
-            _SHARED_COMPRESSION.put(source, key, saved)
-    for observer in _OBSERVERS:
-        observer(input, saved)
-    return apply(input, weight, bias, weight_delta, saved, proj, keys, (rank, projection, False))
+    source = input
+    device_type = input.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # Mirror autocast's rule for F.linear (run in the lower precision), then keep
+        # autocast out of the Function so forward and backward see the same dtypes.
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    saved, from_kept = None, False
+    if torch.is_grad_enabled() and (weight.requires_grad or (weight_delta is not None and weight_delta.requires_grad)):
+        if (
+            not compiling and input_kept_elsewhere(source)
+            and (input is source or input.untyped_storage().data_ptr() == source.untyped_storage().data_ptr())
+        ):
+            # Its storage stays alive for SDPA's backward (no autocast copy came between): saving
+            # x·P as well would only add memory.
+            saved, from_kept = input, True
+        else:
+            sharing = share_compressed and not compiling
+            key = None
+            if sharing:
+                # Which P: the very cache or key tensor (siblings share one), or the int seed.
+                which = id(proj) if proj is not None else (id(seed) if isinstance(seed, torch.Tensor) else seed)
+                # ... and its version: a resample writes the keys or the cache in place.
+                p_source = proj if proj is not None else seed
+                p_version = p_source._version if isinstance(p_source, torch.Tensor) else None
+                key = (rank, which, p_version, projection, input.dtype)
+                saved = _SHARED_COMPRESSION.get(source, key)
+            if saved is None:
+                # Outside autograd (a detached input: cheaper than a no_grad block).
+                saved = torch.mm(input.detach().reshape(-1, n), _projection(n, rank, proj, keys, projection, input.dtype))
+                if sharing:
+                    _SHARED_COMPRESSION.put(source, key, saved)
+            for observer in _OBSERVERS:
+                observer(input, saved)
+    apply = _CompActLinearFunction.apply if compiling else _EAGER_APPLY
+    args = (input, weight, bias, weight_delta, saved, proj, keys, (rank, projection, from_kept))
+    if autocast:
+        with torch.autocast(device_type, enabled=False):
+            return apply(*args)
+    return apply(*args)
 
 
 _EAGER_APPLY = eager_function_apply(_CompActLinearFunction)

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import gpu_speed  # benchmarks/gpu/ and cpu/ are on sys.path (conftest.py)
 import host_overhead
 import torch
@@ -55,6 +57,25 @@ def test_interleaved_times_warm_up_once_then_run_round_by_round_and_pair_ratios_
     assert timing.paired_ratio(a, b) == 2.0
     assert timing.median(a) / timing.median(b) == 2.2 / 5.0
     assert math.isnan(timing.paired_ratio([], []))
+
+
+def test_the_t_quantile_table_equals_scipys_to_its_three_decimals_and_is_used_without_scipy(monkeypatch):
+    import sys
+
+    import stats
+    from scipy.stats import t
+
+    with_scipy = stats.t_interval([1.0, 2.0, 4.0])
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as on the device machine
+    for df in range(1, 31):
+        assert stats.t975(df) == round(float(t.ppf(0.975, df)), 3), df
+    with pytest.raises(ValueError, match="pip install scipy"):
+        stats.t975(31)
+    lo, hi = stats.t_interval([1.0, 2.0, 4.0])  # mean 7/3, s = 1.5275, df 2: half-width 4.303 · s / √3
+    assert (hi - lo) / 2 == pytest.approx(4.303 * 1.5275252 / math.sqrt(3), rel=1e-6)
+    # The table rounds t to 3 decimals: at most 5e-4 on t >= 2.042, 2.5e-4 relative on the half-width.
+    assert (with_scipy[1] - with_scipy[0]) / 2 == pytest.approx((hi - lo) / 2, rel=2.5e-4)
+    assert stats.t_interval([1.0]) is None
 
 
 def test_provenance_names_the_device_and_arguments_and_json_is_written_whole(tmp_path):

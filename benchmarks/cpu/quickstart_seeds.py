@@ -36,6 +36,7 @@ from typing import Any
 
 # The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from stats import t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARMS = {"compact": [], "baseline": ["--compact.enabled", "false"]}
@@ -107,20 +108,9 @@ def summarize(results: list[dict[str, Any]], metrics: list[str]) -> dict[str, An
             "paired_ratios": [x / y for x, y in zip(c, b)],
             "paired_differences": [x - y for x, y in zip(c, b)],
             "mean_difference": statistics.fmean(c) - statistics.fmean(b),
-            "paired_ratio_ci95": _t_interval([x / y for x, y in zip(c, b)]),
+            "paired_ratio_ci95": t_interval([x / y for x, y in zip(c, b)]),
         }
     return out
-
-
-def _t_interval(values: list[float]) -> list[float] | None:
-    """Two-sided 95% Student-t interval of the mean of ``values`` (paired per seed); None below 2 values."""
-    if len(values) < 2:
-        return None
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    mean = statistics.fmean(values)
-    return [mean - half, mean + half]
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 # The shared helpers (provenance, timing, shapes) are in benchmarks/common/, not beside this script.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
 from provenance import provenance, write_json  # noqa: E402
+from stats import t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,15 +117,10 @@ def compare_precisions(final: dict[tuple[int, str], float], seeds: int) -> dict[
     bf16 = [final[(s, "bf16-mixed compressed")] for s in range(seeds)]
     fp16 = [final[(s, "16-mixed compressed")] for s in range(seeds)]
     diffs = [a - b for a, b in zip(fp16, bf16)]
-    mean = sum(diffs) / seeds
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (seeds - 1))
-    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(seeds, 2.0)
-    bf16_mean = sum(bf16) / seeds
-    noise = math.sqrt(sum((x - bf16_mean) ** 2 for x in bf16) / (seeds - 1))
     return {
-        "bf16_final": bf16, "fp16_final": fp16, "fp16_minus_bf16": diffs, "mean_difference": mean,
-        "t95_interval": [mean - t95 * sd / math.sqrt(seeds), mean + t95 * sd / math.sqrt(seeds)],
-        "bf16_seed_std": noise, "worst_seed_difference": max(diffs, key=abs),
+        "bf16_final": bf16, "fp16_final": fp16, "fp16_minus_bf16": diffs, "mean_difference": statistics.fmean(diffs),
+        "t95_interval": t_interval(diffs), "bf16_seed_std": statistics.stdev(bf16),
+        "worst_seed_difference": max(diffs, key=abs),
     }
 
 
