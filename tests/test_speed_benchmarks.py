@@ -35,6 +35,13 @@ def test_lightning_overhead_times_every_configuration_through_the_trainer(tmp_pa
     assert result["provenance"]["device"].startswith("cpu")
 
 
+def test_step_phases_times_forward_backward_and_step_of_every_configuration():
+    import step_phases  # benchmarks/diagnostics/
+
+    for name in step_phases.CONFIGS:
+        assert all(ms > 0 for ms in step_phases.phases(name, steps=12)), name
+
+
 def test_gpu_speed_script_runs_every_configuration_on_cpu():
     result = gpu_speed.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
                              "--warmup", "1", "--no-compile"])
